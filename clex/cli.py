@@ -1,0 +1,115 @@
+"""`clex`: one subcommand per pipeline stage. Each validates the whole study before any compute.
+
+Bad params print one message per problem (file, key, value, what is allowed) and exit with status 2
+before anything is written. Heavy imports (torch, lightning, mlflow) happen only inside the commands.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from clex.config import ParamsError, Study, load_study
+
+
+def _validate(study: Study, args) -> None:
+    out = study.root / "build" / "validated"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("params, experiments and ablations are valid\n")  # constant: downstream caches stay valid
+    print(f"valid: {len(study.experiments)} experiments, {len(study.ablations)} ablations")
+
+
+def _prepare(study: Study, args) -> None:
+    from clex.data import prepare
+
+    manifest = prepare(study.params.data, study.root / "build" / "data", test_len=study.params.max_eval_len)
+    print(f"prepared data {manifest['data_hash'][:12]}: {manifest['counts']}")
+
+
+def _seed(study: Study, seed: int) -> int:
+    if seed not in study.params.finetune.seeds:
+        raise ParamsError(f"--seed: {seed} is not in finetune.seeds; allowed: {study.params.finetune.seeds}")
+    return seed
+
+
+def _pretrain(study: Study, args) -> None:
+    from clex.train import train
+
+    print(f"base model written to {train(study)}")
+
+
+def _finetune(study: Study, args) -> None:
+    from clex.train import train
+
+    exp, seed = study.experiment(args.experiment), _seed(study, args.seed)
+    print(f"fine-tuned model written to {train(study, exp, seed)}")
+
+
+def _evaluate(study: Study, args) -> None:
+    from clex.evaluate import evaluate
+
+    if args.experiment != "base":
+        study.experiment(args.experiment)
+        _seed(study, args.seed)
+    print(f"evaluation written to {evaluate(study, args.experiment, args.seed)}")
+
+
+def _report(study: Study, args) -> None:
+    from clex.report import build_report
+
+    study.ablation(args.ablation)
+    out = build_report(study, args.ablation)
+    print((out / "table.md").read_text())
+    print(f"report: {out}/table.md, plot: {out}/ppl_vs_length.png")
+
+
+def _pipeline(study: Study, args) -> int:
+    from clex.pipeline import write
+
+    current = write(study, check=args.check)
+    if args.check and not current:
+        print("dvc.yaml is out of date: run `clex pipeline`", file=sys.stderr)
+        return 1
+    print("dvc.yaml is up to date" if current else "dvc.yaml written")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="clex", description=__doc__.splitlines()[0])
+    ap.add_argument("--root", default=os.environ.get("CLEX_ROOT", "."), help="study root (holds params.yaml)")
+    sub = ap.add_subparsers(dest="command", required=True)
+    sub.add_parser("validate", help="check params, experiments and ablations").set_defaults(func=_validate)
+    sub.add_parser("prepare", help="corpus -> split -> tokenizer -> token arrays").set_defaults(func=_prepare)
+    sub.add_parser("pretrain", help="train the plain-RoPE base model at length L").set_defaults(func=_pretrain)
+    ft = sub.add_parser("finetune", help="fine-tune one experiment from the base model")
+    ft.add_argument("experiment")
+    ft.add_argument("--seed", type=int, required=True)
+    ft.set_defaults(func=_finetune)
+    ev = sub.add_parser("evaluate", help="PPL by length of 'base' or of one fine-tuned run")
+    ev.add_argument("experiment")
+    ev.add_argument("--seed", type=int)
+    ev.set_defaults(func=_evaluate)
+    rp = sub.add_parser("report", help="an ablation's table, plot and metrics")
+    rp.add_argument("ablation")
+    rp.set_defaults(func=_report)
+    pl = sub.add_parser("pipeline", help="generate dvc.yaml from the ablation files")
+    pl.add_argument("--check", action="store_true", help="exit 1 if dvc.yaml is out of date")
+    pl.set_defaults(func=_pipeline)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        if args.command == "evaluate" and args.experiment != "base" and args.seed is None:
+            raise ParamsError("--seed: required when evaluating a fine-tuned experiment")
+        study = load_study(Path(args.root))
+        return args.func(study, args) or 0
+    except ParamsError as e:
+        print(f"clex {args.command}: invalid parameters\n{e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,336 @@
+"""Typed study parameters: the one place where every knob is declared, defaulted and checked.
+
+`load_study()` reads params.yaml, every experiments/*.yaml and every ablations/*/ablation.yaml and
+validates them together before any compute. A bad value raises `ParamsError`, whose message names
+the file, the key, the bad value and what is allowed; the CLI prints it and exits non-zero.
+"""
+from __future__ import annotations
+
+import glob
+from pathlib import Path
+from typing import Annotated, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ParamsError(ValueError):
+    """A params value is invalid; the message says which key, which value and what is allowed."""
+
+
+class Strict(BaseModel):
+    """Unknown keys are errors (a typo must not silently fall back to a default)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ---------------------------------------------------------------------------- data
+class DataConfig(Strict):
+    """Where the text comes from, how it is split and tokenised."""
+
+    source: Literal["stdlib", "files", "hf"] = "stdlib"
+    files: str | None = Field(None, description="glob of local text files (source=files); ** allowed")
+    hf_name: str | None = Field(None, description="dataset name or local dataset path (source=hf)")
+    hf_config: str | None = None
+    hf_split: str = "train"
+    text_field: str = "text"
+    max_documents: int | None = Field(None, ge=3, description="deterministic subset, for quick runs")
+    val_fraction: float = Field(0.05, gt=0, lt=0.5)
+    test_fraction: float = Field(0.05, gt=0, lt=0.5)
+    split_seed: int = 0
+    vocab_size: int = Field(
+        4096, ge=257, le=65535,
+        description="byte-level BPE: 256 byte tokens + <|endoftext|> at least; uint16 storage at most",
+    )
+    max_test_docs: int = Field(32, ge=1)
+
+    @model_validator(mode="after")
+    def _source_fields(self) -> "DataConfig":
+        if self.source == "files":
+            if not self.files:
+                raise ValueError("data.files: required when data.source is 'files' (a glob of text files)")
+            if not any(Path(p).is_file() for p in glob.glob(self.files, recursive=True)):
+                raise ValueError(
+                    f"data.files: {self.files!r} matches no file; allowed: a glob matching at least one text file"
+                )
+        if self.source == "hf" and not self.hf_name:
+            raise ValueError("data.hf_name: required when data.source is 'hf' (a dataset name or local path)")
+        return self
+
+
+# ---------------------------------------------------------------------------- model
+class ModelConfig(Strict):
+    """A small LLaMA-style decoder; `train_len` is L, the pre-training context."""
+
+    d_model: int = Field(128, ge=8)
+    n_layers: int = Field(4, ge=1)
+    n_heads: int = Field(4, ge=1)
+    d_ff: int = Field(384, ge=8, description="SwiGLU hidden width")
+    rope_base: float = Field(10000.0, gt=1)
+    train_len: int = Field(128, ge=8, description="L: pre-training context length")
+    init_std: float = Field(0.02, gt=0)
+
+    @model_validator(mode="after")
+    def _heads(self) -> "ModelConfig":
+        if self.d_model % self.n_heads:
+            raise ValueError(f"model.n_heads: {self.n_heads} must divide model.d_model={self.d_model}")
+        if (self.d_model // self.n_heads) % 2:
+            raise ValueError(f"model.d_model/n_heads = {self.d_model // self.n_heads}: head dim must be even for RoPE")
+        return self
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+
+# ---------------------------------------------------------------------------- training
+class OptimConfig(Strict):
+    """AdamW with linear warm-up and cosine decay to `min_lr_ratio * lr`."""
+
+    steps: int = Field(ge=1)
+    batch_size: int = Field(ge=1)
+    lr: float = Field(gt=0, le=1)
+    warmup_steps: int = Field(0, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    weight_decay: float = Field(0.1, ge=0)
+
+
+class PretrainConfig(OptimConfig):
+    seed: int = 0
+
+
+class FinetuneConfig(OptimConfig):
+    seeds: list[int] = Field([0, 1, 2], min_length=1)
+    seq_len_factor: int = Field(1, ge=1, description="fine-tuning length N = seq_len_factor * L")
+
+    @model_validator(mode="after")
+    def _unique_seeds(self) -> "FinetuneConfig":
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"finetune.seeds: {self.seeds} has duplicates; allowed: distinct integers")
+        return self
+
+
+class TrainerConfig(Strict):
+    """Lightning Trainer settings; 'auto' precision means bf16-mixed on CUDA, 32-true elsewhere."""
+
+    accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"] = "auto"
+    devices: int | Literal["auto"] = 1
+    num_nodes: int = Field(1, ge=1)
+    strategy: Literal["auto", "ddp", "ddp_spawn", "ddp_fork", "fsdp", "deepspeed"] = "auto"
+    precision: Literal["auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true"] = "auto"
+    gradient_clip_val: float = Field(1.0, ge=0)
+    checkpoint_every_n_steps: int = Field(100, ge=1)
+    val_every_n_steps: int = Field(100, ge=1)
+    val_batches: int = Field(8, ge=1)
+    log_every_n_steps: int = Field(10, ge=1)
+    num_workers: int = Field(0, ge=0)
+
+
+# ---------------------------------------------------------------------------- evaluation
+PROTOCOLS = ("nonoverlapping", "sliding")
+
+
+class EvalConfig(Strict):
+    """Perplexity by length; every length is scored on the same tokens (the first max(lengths) of each doc)."""
+
+    lengths: list[int] = Field([128, 256, 512, 1024, 2048], min_length=1)
+    protocol: Literal[PROTOCOLS] = "nonoverlapping"  # type: ignore[valid-type]
+    stride: int | None = Field(None, ge=1, description="sliding protocol: tokens scored per window")
+    batch_size: int = Field(4, ge=1)
+
+
+# ---------------------------------------------------------------------------- experiments
+class SolverSpec(Strict):
+    """torchdiffeq solver for the CLEX ODE. The official code: rk4 with step_size 0.01."""
+
+    method: Literal["dopri5", "dopri8", "bosh3", "adaptive_heun", "rk4", "midpoint", "euler"] = "dopri5"
+    step_size: float = Field(0.01, gt=0, le=1, description="fixed-grid methods only")
+    rtol: float = Field(1e-6, gt=0, lt=1, description="adaptive methods only")
+    atol: float = Field(1e-8, gt=0, lt=1, description="adaptive methods only")
+
+
+class RopeSpec(Strict):
+    """Plain RoPE: θ_i = base^(-2i/d), positions 0..n-1."""
+
+    type: Literal["rope"]
+
+
+class ClexSpec(Strict):
+    """CLEX (method.md §3): learned log-frequencies z(t), continuous (ODE) or discrete (per-t embedding)."""
+
+    type: Literal["clex"]
+    dynamics: Literal["continuous", "discrete"] = "continuous"
+    t_max: int = Field(16, ge=1)
+    ode_width: int = Field(1, ge=1, description="λ: hidden width of the dynamics FFN is λ·d")
+    act: Literal["silu", "tanh"] = "silu"
+    constant_term: bool = True
+    solver: SolverSpec = SolverSpec()
+
+
+PositionSpec = Annotated[Union[RopeSpec, ClexSpec], Field(discriminator="type")]
+
+
+class Experiment(Strict):
+    """A named variant (experiments/<name>.yaml) fine-tuned from the shared base model."""
+
+    name: str
+    description: str = ""
+    rope: PositionSpec
+    position_sampling: Literal["none", "random", "uniform"] = "none"
+
+    @model_validator(mode="after")
+    def _sampling_needs_scale(self) -> "Experiment":
+        if self.position_sampling != "none" and getattr(self.rope, "t_max", None) is None:
+            raise ValueError(
+                f"position_sampling: {self.position_sampling!r} needs a scaling factor t; "
+                f"allowed with rope.type 'rope': 'none' (use rope.type 'clex' for random/uniform)"
+            )
+        return self
+
+    @property
+    def t_max(self) -> int | None:
+        return getattr(self.rope, "t_max", None)
+
+
+class PaperNumbers(Strict):
+    """Numbers the paper (or its review thread) reports for an experiment, by eval length label."""
+
+    source: str
+    lengths: list[str] = Field(description="the paper's labels, e.g. ['4k', '8k', '16k']")
+    multipliers: list[int] = Field(description="the same lengths as multiples of the training length")
+    ppl: dict[str, list[float | str]] = Field(description="our experiment name (or 'base') -> the paper's PPLs")
+
+    @model_validator(mode="after")
+    def _aligned(self) -> "PaperNumbers":
+        for name, row in self.ppl.items():
+            if len(row) != len(self.lengths) or len(self.multipliers) != len(self.lengths):
+                raise ValueError(f"paper.ppl.{name}: {row} must have one value per paper.lengths {self.lengths}")
+        return self
+
+
+class Ablation(Strict):
+    """ablations/<name>/ablation.yaml: which experiments it compares and on which knob."""
+
+    name: str
+    question: str
+    knob: str
+    experiments: list[str] = Field(min_length=1)
+    reference: str | None = Field(None, description="experiment the paired differences are taken against")
+    paper: PaperNumbers | None = None
+
+
+# ---------------------------------------------------------------------------- the whole study
+class Params(Strict):
+    """params.yaml."""
+
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    pretrain: PretrainConfig
+    finetune: FinetuneConfig
+    trainer: TrainerConfig = TrainerConfig()
+    eval: EvalConfig = EvalConfig()
+    experiments: list[str] = Field(min_length=1, description="experiments the pipeline trains")
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "Params":
+        L = self.model.train_len
+        bad = [n for n in self.eval.lengths if n % L]
+        if bad:
+            raise ValueError(
+                f"eval.lengths: {bad} are not multiples of model.train_len={L}; "
+                f"allowed: positive multiples of {L}, e.g. {[L * m for m in (1, 2, 4, 8, 16)]}"
+            )
+        if len(set(self.eval.lengths)) != len(self.eval.lengths) or sorted(self.eval.lengths) != self.eval.lengths:
+            raise ValueError(f"eval.lengths: {self.eval.lengths}; allowed: distinct, increasing multiples of {L}")
+        if self.eval.protocol == "sliding" and self.eval.stride is None:
+            raise ValueError("eval.stride: required when eval.protocol is 'sliding' (tokens scored per window)")
+        if self.eval.stride is not None and self.eval.stride > min(self.eval.lengths):
+            raise ValueError(f"eval.stride: {self.eval.stride} exceeds the shortest eval length {min(self.eval.lengths)}")
+        return self
+
+    @property
+    def max_eval_len(self) -> int:
+        return max(self.eval.lengths)
+
+
+class Study(BaseModel):
+    """Everything a stage may need, validated together."""
+
+    model_config = ConfigDict(frozen=True)
+    root: Path
+    params: Params
+    experiments: dict[str, Experiment]
+    ablations: dict[str, Ablation]
+
+    def experiment(self, name: str) -> Experiment:
+        if name not in self.experiments:
+            raise ParamsError(
+                f"experiment: {name!r} is unknown; allowed: {sorted(self.experiments)} (files in experiments/)"
+            )
+        return self.experiments[name]
+
+    def ablation(self, name: str) -> Ablation:
+        if name not in self.ablations:
+            raise ParamsError(f"ablation: {name!r} is unknown; allowed: {sorted(self.ablations)}")
+        return self.ablations[name]
+
+
+# ---------------------------------------------------------------------------- loading
+def _format(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "value_error":  # our own validators already name key, value and what is allowed
+            lines.append(f"{source}: {msg}")
+        else:
+            shown = "(missing)" if e["type"] == "missing" else repr(e.get("input"))
+            lines.append(f"{source}: {key}: got {shown}; {msg}")
+    return "\n".join(lines)
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: file not found") from None
+    except yaml.YAMLError as e:
+        raise ParamsError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ParamsError(f"{path}: expected a mapping of keys to values, got {type(data).__name__}")
+    return data
+
+
+def _validate(cls, data: dict, source: str):
+    try:
+        return cls.model_validate(data)
+    except ValidationError as e:
+        raise ParamsError(_format(e, source)) from None
+
+
+def load_study(root: Path | str = ".", params_file: str = "params.yaml") -> Study:
+    """Read and cross-validate params.yaml, experiments/*.yaml and ablations/*/ablation.yaml."""
+    root = Path(root).resolve()
+    params = _validate(Params, _read_yaml(root / params_file), params_file)
+    experiments = {
+        p.stem: _validate(Experiment, {"name": p.stem, **_read_yaml(p)}, f"experiments/{p.name}")
+        for p in sorted((root / "experiments").glob("*.yaml"))
+    }
+    for i, name in enumerate(params.experiments):
+        if name not in experiments:
+            raise ParamsError(
+                f"{params_file}: experiments[{i}]: {name!r} is unknown; allowed: {sorted(experiments)} "
+                f"(one experiments/<name>.yaml each)"
+            )
+    ablations = {}
+    for p in sorted((root / "ablations").glob("*/ablation.yaml")):
+        source = str(p.relative_to(root))
+        ab = _validate(Ablation, {"name": p.parent.name, **_read_yaml(p)}, source)
+        missing = [e for e in ab.experiments + [ab.reference or ab.experiments[0]] if e not in params.experiments]
+        if missing:
+            raise ParamsError(
+                f"{source}: experiments: {missing} are not trained by the pipeline; "
+                f"allowed: names listed in {params_file} experiments {params.experiments}"
+            )
+        ablations[ab.name] = ab
+    return Study(root=root, params=params, experiments=experiments, ablations=ablations)

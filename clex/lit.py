@@ -1,0 +1,84 @@
+"""The LightningModule: one t per step, training positions, loss, optimiser, logging.
+
+t and the positions are drawn from a generator seeded by (seed, global step), so every DDP rank
+draws the same t without communication (method.md §3.4 leaves this open; we decide it explicitly).
+"""
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from clex.config import OptimConfig
+from clex.model import Decoder
+from clex.rope import sample_scale, training_positions
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """A CPU generator that depends only on (seed, step): identical on every rank and on a resumed run."""
+    return torch.Generator().manual_seed(1_000_003 * seed + step)
+
+
+def lr_lambda(optim: OptimConfig):
+    """Linear warm-up to lr, then cosine decay to min_lr_ratio·lr at the last step."""
+
+    def f(step: int) -> float:
+        if step < optim.warmup_steps:
+            return (step + 1) / optim.warmup_steps
+        progress = min(1.0, (step - optim.warmup_steps) / max(1, optim.steps - optim.warmup_steps))
+        return optim.min_lr_ratio + (1 - optim.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+class LitDecoder(L.LightningModule):
+    """Trains a Decoder; `position_sampling` decides the training positions for the sampled t."""
+
+    def __init__(self, model: Decoder, optim: OptimConfig, seed: int, position_sampling: str = "none"):
+        super().__init__()
+        self.model, self.optim, self.seed, self.position_sampling = model, optim, seed, position_sampling
+        self.tokens_seen = 0
+
+    def scale_and_positions(self, seq_len: int) -> tuple[int, torch.Tensor | None]:
+        """(t, positions) for this step; t = 1 and default positions for encodings without a scale."""
+        t_max = self.model.rope.t_max
+        if t_max is None:
+            return 1, None
+        gen = step_generator(self.seed, self.global_step)
+        t = sample_scale(t_max, gen)
+        positions = training_positions(self.position_sampling, seq_len, t, self.model.cfg.train_len, gen)
+        return t, positions.to(self.device)
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        x, y = batch[:, :-1], batch[:, 1:]
+        t, positions = self.scale_and_positions(x.shape[1])
+        logits = self.model(x, positions=positions, t=t)
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
+        if not torch.isfinite(loss):  # CLEX issues #3/#11: stop clearly rather than train on NaNs
+            raise FloatingPointError(f"non-finite training loss {loss.item()} at step {self.global_step} (t={t})")
+        self.tokens_seen += x.numel() * self.trainer.world_size
+        self.log_dict(
+            {"train_loss": loss, "lr": self.optimizers().param_groups[0]["lr"], "t": float(t)},
+            on_step=True, prog_bar=True, rank_zero_only=True,
+        )
+        return loss
+
+    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        x, y = batch[:, :-1], batch[:, 1:]
+        logits = self.model(x)  # inference rule: t = ceil(n / L)
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
+        self.log("val_loss", loss, on_epoch=True, sync_dist=True)
+
+    def configure_optimizers(self):
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            # norms, and the CLEX network (official: weight decay 0), are not decayed
+            (decay if p.ndim == 2 and not name.startswith("rope.") else no_decay).append(p)
+        opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": self.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=self.optim.lr, betas=(0.9, 0.95),
+        )
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(self.optim))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

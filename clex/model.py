@@ -1,0 +1,122 @@
+"""A small LLaMA-style decoder (RMSNorm, SwiGLU, rotary attention) with a pluggable position encoding.
+
+The position encoding is a registered `clex.rope.PositionEncoding`: the model only asks it for the
+cos/sin table of the positions and scaling factor t it is given. Training code chooses (t, positions)
+(method.md §3.4-3.5); at inference the encoding picks t from the sequence length (§3.6).
+Attention goes through `flash_attn` when it is installed and the tensors are on CUDA in half precision,
+else through `torch.nn.functional.scaled_dot_product_attention` (which itself uses a flash kernel on CUDA).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from clex.config import ModelConfig
+from clex.rope import PositionEncoding, apply_rotary
+
+try:  # optional GPU extra
+    from flash_attn import flash_attn_func
+except ImportError:  # pragma: no cover - the CPU default
+    flash_attn_func = None
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal attention on (B, H, T, D) tensors; flash-attn where it can run, SDPA otherwise."""
+    if flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
+        return out.transpose(1, 2)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.head_dim = cfg.n_heads, cfg.head_dim
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        cos, sin = cos.to(q.dtype), sin.to(q.dtype)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        return self.proj(attention(q, k, v).transpose(1, 2).reshape(B, T, C))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_up = nn.Linear(cfg.d_model, 2 * cfg.d_ff, bias=False)
+        self.down = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn_norm, self.attn = RMSNorm(cfg.d_model), Attention(cfg)
+        self.mlp_norm, self.mlp = RMSNorm(cfg.d_model), SwiGLU(cfg)
+
+    def forward(self, x, cos, sin):
+        x = x + self.attn(self.attn_norm(x), cos, sin)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Decoder(nn.Module):
+    """Token embedding (tied with the output head) → blocks → RMSNorm → logits."""
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int, rope: PositionEncoding):
+        super().__init__()
+        self.cfg, self.vocab_size = cfg, vocab_size
+        self.embed = nn.Embedding(vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.d_model)
+        self.rope = rope
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        """GPT-2 style: N(0, std) everywhere, residual projections scaled by 1/sqrt(2·layers).
+
+        The pilot (pilot.md) showed PyTorch's unit-variance embedding init starts at ~124 nats of loss.
+        """
+        std = self.cfg.init_std
+        for module_name, module in self.named_modules():
+            if module_name.startswith("rope"):
+                continue
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                scale = 1 / math.sqrt(2 * self.cfg.n_layers) if module_name.endswith(("proj", "down")) else 1.0
+                nn.init.normal_(module.weight, mean=0.0, std=std * scale)
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, t: int | None = None):
+        """Logits for (B, T) tokens. positions/t default to 0..T-1 and the inference rule for t."""
+        T = tokens.shape[1]
+        if positions is None:
+            positions = torch.arange(T, device=tokens.device, dtype=torch.float32)
+        if t is None:
+            t = self.rope.inference_t(T)
+        cos, sin = self.rope(positions, t)
+        x = self.embed(tokens)
+        for block in self.blocks:
+            x = block(x, cos, sin)
+        return self.norm(x) @ self.embed.weight.T
+
+
+def parameter_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,164 @@
+"""The ablation report: PPL by length (mean ± 95 % CI over seeds), paired differences, the paper beside us.
+
+Every number is read back from the MLflow run named in the eval JSON (not from the JSON itself), so a
+table cell is exactly what the tracked run recorded. Outputs, in reports/<ablation>/:
+table.md (the report), ppl_vs_length.png (seaborn), metrics.json (DVC metrics), ppl_by_length.csv (DVC plots).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+from scipy import stats
+
+from clex import tracking
+from clex.config import Study
+from clex.evaluate import eval_path
+
+BOOTSTRAP_SAMPLES = 10_000
+
+
+def mean_ci(values: list[float], level: float = 0.95) -> tuple[float, float]:
+    """Mean and the half-width of its Student-t confidence interval (nan for a single seed)."""
+    x = np.asarray(values, dtype=float)
+    if len(x) < 2:
+        return float(x.mean()), float("nan")
+    return float(x.mean()), float(stats.t.ppf(0.5 + level / 2, len(x) - 1) * x.std(ddof=1) / np.sqrt(len(x)))
+
+
+def bootstrap_ci(diffs: list[float], level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap CI of the mean of per-seed paired differences."""
+    x = np.asarray(diffs, dtype=float)
+    rng = np.random.default_rng(seed)
+    means = rng.choice(x, size=(BOOTSTRAP_SAMPLES, len(x)), replace=True).mean(axis=1)
+    return float(np.quantile(means, 0.5 - level / 2)), float(np.quantile(means, 0.5 + level / 2))
+
+
+def tracked_ppl(study: Study, experiment: str, seed: int | None) -> tuple[str, dict[int, float], str]:
+    """(run id, {length: ppl}, protocol) from the MLflow run behind one eval output."""
+    record = json.loads(eval_path(study, experiment, seed).read_text())
+    c = tracking.client(study.root)
+    history = c.get_metric_history(record["run_id"], "ppl")
+    run = c.get_run(record["run_id"])
+    return record["run_id"], {int(m.step): m.value for m in history}, run.data.tags["eval_protocol"]
+
+
+def _fmt(mean: float, half: float) -> str:
+    return f"{mean:.2f}" if np.isnan(half) else f"{mean:.2f} ± {half:.2f}"
+
+
+def build_report(study: Study, ablation_name: str) -> Path:
+    """Write reports/<ablation>/ and record the report as an MLflow run; returns the report folder."""
+    import pandas as pd
+
+    ab = study.ablation(ablation_name)
+    p = study.params
+    L, lengths, seeds = p.model.train_len, p.eval.lengths, p.finetune.seeds
+    rows, runs, protocols = [], {}, set()
+    for exp in ["base"] + ab.experiments:
+        for seed in [p.pretrain.seed] if exp == "base" else seeds:
+            run_id, ppl, protocol = tracked_ppl(study, exp, seed)
+            runs[f"{exp}/seed{seed}"] = run_id
+            protocols.add(protocol)
+            rows += [{"experiment": exp, "seed": seed, "length": n, "ppl": ppl[n]} for n in lengths]
+    df = pd.DataFrame(rows)
+    names = ["base"] + ab.experiments
+    summary = {e: {n: mean_ci(df[(df.experiment == e) & (df.length == n)].ppl.tolist()) for n in lengths} for e in names}
+
+    out = study.root / "reports" / ablation_name
+    tmp = out / ".partial"  # files move into place only once all of them exist (DVC keeps a .gitignore in out)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    md = [f"# Ablation: {ab.name}", "", ab.question, "",
+          f"Knob: `{ab.knob}`. Seeds: {seeds} ({len(seeds)} per experiment; the base model has one).",
+          f"Eval protocol: **{', '.join(sorted(protocols))}**; training length L = {L}; "
+          f"PPL on {len(lengths)} lengths, the same test tokens at every length.", "",
+          "## Perplexity by evaluation length (mean ± 95 % t-CI over seeds)", "",
+          "| experiment | " + " | ".join(f"{n} ({n // L}×L)" for n in lengths) + " |",
+          "|---|" + "---|" * len(lengths)]
+    for e in names:
+        label = "base (plain RoPE, no fine-tune)" if e == "base" else e
+        md.append(f"| {label} | " + " | ".join(_fmt(*summary[e][n]) for n in lengths) + " |")
+    md += _paired_section(df, ab, lengths, seeds, L)
+    md += _paper_section(ab, summary, L)
+    md += ["", "## Runs behind these numbers (MLflow run ids)", ""]
+    md += [f"- {k}: `{v}`" for k, v in runs.items()]
+    (tmp / "table.md").write_text("\n".join(md) + "\n")
+    df.to_csv(tmp / "ppl_by_length.csv", index=False)
+    metrics = {e: {str(n): round(summary[e][n][0], 4) for n in lengths} for e in names}
+    (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    _plot(df, tmp / "ppl_vs_length.png", ab.name, L)
+    _record(study, ab.name, tmp, runs, protocols)
+    for f in tmp.iterdir():
+        f.replace(out / f.name)
+    tmp.rmdir()
+    return out
+
+
+def _paired_section(df, ab, lengths, seeds, L) -> list[str]:
+    ref = ab.reference or ab.experiments[0]
+    others = [e for e in ab.experiments if e != ref]
+    if not others:
+        return []
+    md = ["", f"## Paired difference against `{ref}` (PPL(x) − PPL({ref}), same seed; mean [95 % bootstrap CI])", "",
+          "A CI that excludes 0 means the difference holds across seeds. With 3 seeds the bootstrap is coarse.", "",
+          "| experiment | " + " | ".join(f"{n // L}×L" for n in lengths) + " |", "|---|" + "---|" * len(lengths)]
+    for e in others:
+        cells = []
+        for n in lengths:
+            a = df[(df.experiment == e) & (df.length == n)].set_index("seed").ppl
+            b = df[(df.experiment == ref) & (df.length == n)].set_index("seed").ppl
+            diffs = (a - b).loc[seeds].tolist()
+            lo, hi = bootstrap_ci(diffs) if len(diffs) > 1 else (float("nan"), float("nan"))
+            cells.append(f"{np.mean(diffs):+.2f}" + ("" if np.isnan(lo) else f" [{lo:+.2f}, {hi:+.2f}]"))
+        md.append(f"| {e} | " + " | ".join(cells) + " |")
+    return md
+
+
+def _paper_section(ab, summary, L) -> list[str]:
+    if ab.paper is None:
+        return []
+    pp = ab.paper
+    md = ["", f"## The paper's numbers beside ours ({pp.source})", "",
+          "Lengths are matched as multiples of the training length (the paper: LLaMA-2-7B, L = 4k).", "",
+          "| experiment | " + " | ".join(f"{lab} paper / ours ({m}×L)" for lab, m in zip(pp.lengths, pp.multipliers)) + " |",
+          "|---|" + "---|" * len(pp.lengths)]
+    for e, row in pp.ppl.items():
+        ours = [summary[e][m * L][0] if e in summary and m * L in summary[e] else None for m in pp.multipliers]
+        cells = [f"{v} / {'n/a' if o is None else f'{o:.2f}'}" for v, o in zip(row, ours)]
+        md.append(f"| {e} | " + " | ".join(cells) + " |")
+    return md
+
+
+def _plot(df, path: Path, title: str, L: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    sns.lineplot(data=df, x="length", y="ppl", hue="experiment", marker="o", errorbar=("ci", 95), ax=ax)
+    ax.set(xscale="log", yscale="log", xlabel="evaluation length (tokens)", ylabel="perplexity", title=title)
+    ax.axvline(L, color="grey", ls="--", lw=1)
+    ax.set_xticks(sorted(df.length.unique()), [str(v) for v in sorted(df.length.unique())])
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _record(study: Study, name: str, folder: Path, runs: dict, protocols: set) -> None:
+    """The report itself is an MLflow run: its source run ids as params, its files as artifacts."""
+    import mlflow
+
+    root = study.root
+    stage = f"ablations/{name}"
+    tracking.close_stale_runs(root, stage)
+    with mlflow.start_run(experiment_id=tracking.experiment_id(root), run_name=stage,
+                          tags={"role": "report", "ablation": name, "dvc_stage": stage,
+                                "git_commit": tracking.git_commit(root), "eval_protocol": ",".join(sorted(protocols))}):
+        mlflow.log_params({f"source_run.{k}": v for k, v in runs.items()})
+        for f in ("table.md", "ppl_vs_length.png", "metrics.json", "ppl_by_length.csv"):
+            mlflow.log_artifact(str(folder / f), artifact_path="report")

@@ -1,0 +1,91 @@
+"""MLflow conventions: where the store is, how runs are named and tagged, and what every run carries.
+
+The store defaults to a sqlite file at the study root (`MLFLOW_TRACKING_URI` overrides it) and
+artifacts are anchored at `<root>/mlruns` whatever the stage's working directory (stack.md: otherwise
+they land relative to the cwd at experiment creation). Every run gets the flattened params and the
+tags that make its numbers traceable: experiment, seed, ablations, git commit, data hash, checkpoint
+hash, eval protocol, DVC stage.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+from pathlib import Path
+
+MLFLOW_EXPERIMENT = "clex-study"
+
+
+def tracking_uri(root: Path) -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(root).resolve() / 'mlflow.db'}"
+
+
+def client(root: Path):
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri(root))
+    return mlflow.MlflowClient(tracking_uri(root))
+
+
+def experiment_id(root: Path, name: str = MLFLOW_EXPERIMENT) -> str:
+    """The MLflow experiment, created on first use with its artifact location at <root>/mlruns."""
+    c = client(root)
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    return c.create_experiment(name, artifact_location=(Path(root).resolve() / "mlruns").as_uri())
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, str]:
+    """{'a': {'b': 1}} -> {'a.b': '1'}; lists become their string form (MLflow params are strings)."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = str(v)
+    return out
+
+
+def git_commit(root: Path) -> str:
+    """HEAD's sha, with '-dirty' when tracked files differ from it; 'unknown' outside a git checkout."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True)
+    except (subprocess.CalledProcessError, FileNotFoundError):
+        return "unknown"
+    return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def stage_name(stage: str, experiment: str | None = None, seed: int | None = None) -> str:
+    """The DVC stage a run belongs to, e.g. 'finetune@clex-0' (DVC's matrix naming)."""
+    return stage if experiment is None else f"{stage}@{experiment}-{seed}"
+
+
+def close_stale_runs(root: Path, stage: str, keep: str | None = None) -> list[str]:
+    """Mark runs of this stage left RUNNING by a killed process as KILLED (DVC never runs one stage twice at once)."""
+    c = client(root)
+    stale = c.search_runs(
+        [experiment_id(root)],
+        filter_string=f"tags.dvc_stage = '{stage}' and attributes.status = 'RUNNING'",
+        max_results=1000,
+    )
+    ids = [r.info.run_id for r in stale if r.info.run_id != keep]
+    for run_id in ids:
+        c.set_terminated(run_id, status="KILLED")
+    return ids
+
+
+def ablations_of(study, experiment: str) -> str:
+    """Comma-separated ablations that compare this experiment (a run is shared by several)."""
+    return ",".join(sorted(a.name for a in study.ablations.values() if experiment in a.experiments))

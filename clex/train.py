@@ -1,0 +1,180 @@
+"""The pretrain and finetune stages: wire config, model, data, Trainer and MLflow together.
+
+One function serves both: pretraining is "fine-tuning" plain RoPE from scratch at length L.
+A killed run resumes from its last Lightning checkpoint into the same MLflow run (no orphan run),
+as long as its configuration is unchanged; runs left RUNNING by a crash are marked KILLED.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.utilities import rank_zero_only
+
+from clex import tracking
+from clex.config import Experiment, RopeSpec, Study, TrainerConfig
+from clex.data import TokenDataModule, data_hash
+from clex.lit import LitDecoder
+from clex.model import Decoder, parameter_count
+from clex.rope import build_position_encoding
+
+PLAIN = Experiment(name="base", description="plain RoPE base model", rope=RopeSpec(type="rope"))
+
+
+def data_dir(study: Study) -> Path:
+    return study.root / "build" / "data"
+
+
+def base_dir(study: Study) -> Path:
+    return study.root / "build" / "base"
+
+
+def finetune_dir(study: Study, experiment: str, seed: int) -> Path:
+    return study.root / "build" / "finetune" / experiment / f"seed{seed}"
+
+
+def vocab_size(study: Study) -> int:
+    return json.loads((data_dir(study) / "manifest.json").read_text())["vocab_size"]
+
+
+def build_model(study: Study, experiment: Experiment) -> Decoder:
+    m = study.params.model
+    rope = build_position_encoding(experiment.rope, head_dim=m.head_dim, base=m.rope_base, train_len=m.train_len)
+    return Decoder(m, vocab_size(study), rope)
+
+
+def load_checkpoint(study: Study, experiment: Experiment, ckpt: Path) -> Decoder:
+    """A Decoder for `experiment` with weights from ckpt; rope.* entries come from ckpt when it has them."""
+    model = build_model(study, experiment)
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    own_rope = {k for k in model.state_dict() if k.startswith("rope.")}
+    state = {k: v for k, v in state.items() if not k.startswith("rope.") or k in own_rope}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or any(not k.startswith("rope.") for k in missing):
+        raise RuntimeError(f"{ckpt}: does not fit the model (missing {missing}, unexpected {unexpected})")
+    return model
+
+
+def resolve_trainer(cfg: TrainerConfig, learned_rope: bool) -> dict:
+    """Trainer kwargs from params; bf16-mixed on CUDA when precision is 'auto'."""
+    cuda = torch.cuda.is_available() and cfg.accelerator in ("auto", "gpu", "cuda")
+    precision = cfg.precision if cfg.precision != "auto" else ("bf16-mixed" if cuda else "32-true")
+    strategy: object = cfg.strategy
+    if cfg.strategy in ("ddp", "ddp_spawn", "ddp_fork") and learned_rope:
+        # with t = 1 the CLEX network is skipped (method.md §3.4), so its parameters get no gradient that step
+        strategy = DDPStrategy(start_method=cfg.strategy.replace("ddp_", "") if "_" in cfg.strategy else "popen",
+                               find_unused_parameters=True)
+    return dict(accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes,
+                strategy=strategy, precision=precision, gradient_clip_val=cfg.gradient_clip_val or None)
+
+
+def _config_hash(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def train(study: Study, experiment: Experiment | None = None, seed: int | None = None) -> Path:
+    """Run the pretrain stage (experiment None) or one finetune run; returns its output directory."""
+    p = study.params
+    pretraining = experiment is None
+    exp = PLAIN if pretraining else experiment
+    seed = p.pretrain.seed if pretraining else seed
+    optim = p.pretrain if pretraining else p.finetune
+    seq_len = p.model.train_len * (1 if pretraining else p.finetune.seq_len_factor)
+    stage = "pretrain" if pretraining else tracking.stage_name("finetune", exp.name, seed)
+    out_dir = base_dir(study) if pretraining else finetune_dir(study, exp.name, seed)
+    resume_dir = study.root / "build" / "resume" / stage
+    L.seed_everything(seed, workers=True, verbose=False)
+
+    if pretraining:
+        model = build_model(study, exp)
+        base_sha = None
+    else:
+        model = load_checkpoint(study, exp, base_dir(study) / "model.pt")
+        base_sha = json.loads((base_dir(study) / "run.json").read_text())["checkpoint_sha256"]
+    dhash = data_hash(data_dir(study))
+    config_hash = _config_hash(p.model_dump(), optim.model_dump(), exp.model_dump(), seed, dhash, base_sha)
+
+    state_file = resume_dir / "state.json"
+    state = json.loads(state_file.read_text()) if state_file.exists() else {}
+    last = resume_dir / "last.ckpt"
+    resuming = state.get("config_hash") == config_hash and last.exists()
+    if rank_zero_only.rank == 0 and not resuming:
+        shutil.rmtree(resume_dir, ignore_errors=True)
+
+    root = study.root
+    if rank_zero_only.rank == 0:
+        tracking.experiment_id(root)  # created once, with its artifact location anchored at the root
+    tags = {
+        "role": "pretrain" if pretraining else "finetune", "experiment": exp.name, "seed": str(seed),
+        "ablations": tracking.ablations_of(study, exp.name), "git_commit": tracking.git_commit(root),
+        "data_hash": dhash, "dvc_stage": stage, "config_hash": config_hash,
+    }
+    if base_sha:
+        tags["base_checkpoint_sha256"] = base_sha
+    logger = MLFlowLogger(
+        experiment_name=tracking.MLFLOW_EXPERIMENT, run_name=stage, tracking_uri=tracking.tracking_uri(root),
+        tags=tags, run_id=state.get("run_id") if resuming else None,
+    )
+    if rank_zero_only.rank == 0:
+        run_id = logger.run_id  # creates (or reopens) the run before any worker starts
+        resume_dir.mkdir(parents=True, exist_ok=True)
+        state_file.write_text(json.dumps({"config_hash": config_hash, "run_id": run_id}))
+        tracking.close_stale_runs(root, stage, keep=run_id)
+        logger.log_hyperparams({**tracking.flatten(p.model_dump()), **tracking.flatten(exp.model_dump(), "exp."),
+                                "seed": seed, "n_params": parameter_count(model), "seq_len": seq_len})
+
+    cfg = p.trainer
+    ckpt = ModelCheckpoint(dirpath=resume_dir, every_n_train_steps=cfg.checkpoint_every_n_steps, save_last=True,
+                           save_top_k=0, enable_version_counter=False)
+    trainer = L.Trainer(
+        **resolve_trainer(cfg, learned_rope=any(True for _ in model.rope.parameters())),
+        max_steps=optim.steps, logger=logger, callbacks=[ckpt], log_every_n_steps=cfg.log_every_n_steps,
+        val_check_interval=min(cfg.val_every_n_steps, optim.steps), limit_val_batches=cfg.val_batches,
+        num_sanity_val_steps=0, enable_progress_bar=False, enable_model_summary=False, default_root_dir=resume_dir,
+    )
+    lit = LitDecoder(model, optim, seed, exp.position_sampling)
+    dm = TokenDataModule(data_dir(study), seq_len, optim.batch_size,
+                         train_samples=optim.steps * optim.batch_size * trainer.world_size,
+                         val_windows=cfg.val_batches * optim.batch_size, seed=seed, num_workers=cfg.num_workers)
+    started = time.perf_counter()
+    trainer.fit(lit, dm, ckpt_path=str(last) if resuming else None)
+    seconds = time.perf_counter() - started
+    if trainer.is_global_zero:
+        tokens = optim.steps * trainer.world_size * optim.batch_size * seq_len
+        _write_outputs(study, model, out_dir, logger.run_id, tags, trainer, tokens, seconds, resuming)
+        shutil.rmtree(resume_dir, ignore_errors=True)
+    return out_dir
+
+
+def _write_outputs(study, model, out_dir, run_id, tags, trainer, tokens, seconds, resumed) -> None:
+    """model.pt + run.json into out_dir (atomically), and the run's hash, throughput and θ(t) artifacts."""
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    torch.save(model.state_dict(), tmp / "model.pt")
+    sha = tracking.file_sha256(tmp / "model.pt")
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    info = {"run_id": run_id, "stage": tags["dvc_stage"], "experiment": tags["experiment"], "seed": int(tags["seed"]),
+            "checkpoint_sha256": sha, "data_hash": tags["data_hash"], "git_commit": tags["git_commit"],
+            "steps": trainer.global_step, "train_tokens": tokens, "train_seconds": round(seconds, 2),
+            "train_tokens_per_s": round(tokens / seconds, 1) if not resumed else None, "metrics": metrics}
+    freq = model.rope.frequency_table().cpu()
+    table = {"t": list(range(1, freq.shape[0] + 1)), "inv_freq": freq.tolist()}
+    (tmp / "run.json").write_text(json.dumps(info, indent=2))
+    (tmp / "frequencies.json").write_text(json.dumps(table))
+    c = tracking.client(study.root)
+    c.set_tag(run_id, "checkpoint_sha256", sha)
+    if info["train_tokens_per_s"]:
+        c.log_metric(run_id, "train_tokens_per_s", info["train_tokens_per_s"])
+    c.log_artifact(run_id, str(tmp / "run.json"))
+    c.log_artifact(run_id, str(tmp / "frequencies.json"))
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)
