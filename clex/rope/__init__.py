@@ -1,0 +1,61 @@
+"""Position encodings, registered by the spec's `type` (like HF's ROPE_INIT_FUNCTIONS, but the
+factories return modules because CLEX has learned state).
+
+A factory has the signature `(spec, *, head_dim, base, train_len) -> PositionEncoding`, where
+`spec` is a validated config object (clex.config.RopeSpec / ClexSpec; read by attribute only).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from .base import PlainRope, PositionEncoding, apply_rotary, default_inv_freq, ntk_inv_freq, rotary_tables, rotate_half
+from .ode import ClexDynamics, ContinuousClex, DiscreteClex, time_embedding
+from .positions import POSITION_SAMPLING, sample_scale, training_positions
+
+Factory = Callable[..., PositionEncoding]
+ROPE_FACTORIES: dict[str, Factory] = {}
+
+
+def register(name: str) -> Callable[[Factory], Factory]:
+    """Decorator: register a factory under a spec type name (each name once)."""
+
+    def deco(factory: Factory) -> Factory:
+        if name in ROPE_FACTORIES:
+            raise ValueError(f"position encoding {name!r} is already registered")
+        ROPE_FACTORIES[name] = factory
+        return factory
+
+    return deco
+
+
+def build_position_encoding(spec, *, head_dim: int, base: float, train_len: int) -> PositionEncoding:
+    """The module for `spec.type`; an unknown type raises ValueError naming the allowed ones."""
+    if spec.type not in ROPE_FACTORIES:
+        raise ValueError(f"rope.type: {spec.type!r} is unknown; allowed: {sorted(ROPE_FACTORIES)}")
+    return ROPE_FACTORIES[spec.type](spec, head_dim=head_dim, base=base, train_len=train_len)
+
+
+@register("rope")
+def _plain_rope(spec, *, head_dim: int, base: float, train_len: int) -> PositionEncoding:
+    return PlainRope(head_dim, base, train_len)
+
+
+@register("clex")
+def _clex(spec, *, head_dim: int, base: float, train_len: int) -> PositionEncoding:
+    common = dict(width=spec.ode_width, act=spec.act)
+    if spec.dynamics == "discrete":
+        return DiscreteClex(head_dim, base, train_len, spec.t_max, **common)
+    if spec.dynamics == "continuous":
+        s = spec.solver
+        return ContinuousClex(
+            head_dim, base, train_len, spec.t_max, constant_term=spec.constant_term,
+            method=s.method, step_size=s.step_size, rtol=s.rtol, atol=s.atol, **common,
+        )
+    raise ValueError(f"rope.dynamics: {spec.dynamics!r} is unknown; allowed: ['continuous', 'discrete']")
+
+
+__all__ = [
+    "ROPE_FACTORIES", "POSITION_SAMPLING", "ClexDynamics", "ContinuousClex", "DiscreteClex", "PlainRope",
+    "PositionEncoding", "apply_rotary", "build_position_encoding", "default_inv_freq", "ntk_inv_freq",
+    "register", "rotary_tables", "rotate_half", "sample_scale", "time_embedding", "training_positions",
+]

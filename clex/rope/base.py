@@ -1,0 +1,101 @@
+"""RoPE building blocks shared by every position encoding (method.md §1).
+
+HF layout: `inv_freq` holds d/2 frequencies θ_i, the angle table is `cat(m·θ, m·θ)` and pair
+(j, j + d/2) is rotated together: `x·cos + rotate_half(x)·sin`. All frequency and angle math runs in
+float32, also under autocast; callers cast cos/sin to their activation dtype.
+"""
+from __future__ import annotations
+
+import abc
+import math
+
+import torch
+from torch import Tensor, nn
+
+
+def fp32(device: torch.device):
+    """A context that turns autocast off, so the math inside stays in float32."""
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    """(x1, x2) -> (-x2, x1) over the two halves of the last dim."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate x (B, H, T, D) by tables of shape (T, D) or (B, T, D) (one head axis is added)."""
+    if cos.dim() == 3:
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return x * cos + rotate_half(x) * sin
+
+
+def rotary_tables(positions: Tensor, inv_freq: Tensor) -> tuple[Tensor, Tensor]:
+    """cos/sin of angles p·θ for positions (T,) or (B, T) -> (…, T, D), float32.
+
+    Positions may be fractional (CLEX training positions, method.md §3.5).
+    """
+    with fp32(inv_freq.device):
+        angles = positions.to(inv_freq.device, torch.float32)[..., None] * inv_freq.float()
+        emb = torch.cat((angles, angles), dim=-1)
+        return emb.cos(), emb.sin()
+
+
+def default_inv_freq(head_dim: int, base: float) -> Tensor:
+    """θ_i = base^(-2i/d), i = 0..d/2-1, float32 (computed exactly as HF transformers does)."""
+    if head_dim < 2 or head_dim % 2:
+        raise ValueError(f"head_dim: {head_dim} must be a positive even integer for RoPE")
+    return 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+
+
+def ntk_inv_freq(head_dim: int, base: float, alpha: float) -> Tensor:
+    """NTK-aware scaling (method.md §2): base b' = b·α^(d/(d-2)), then the default frequencies."""
+    return default_inv_freq(head_dim, base * alpha ** (head_dim / (head_dim - 2)))
+
+
+class PositionEncoding(nn.Module, abc.ABC):
+    """A RoPE variant: frequencies θ(t) for an integer scaling factor t, and cos/sin tables.
+
+    `base_inv_freq` (the unscaled θ) is a non-persistent float32 buffer; it is rebuilt in float32
+    after every `.to()`/`.half()`, so casting the model (e.g. bf16-true) never rounds it.
+    """
+
+    def __init__(self, head_dim: int, base: float, train_len: int, t_max: int | None = None):
+        super().__init__()
+        if train_len < 1:
+            raise ValueError(f"train_len: {train_len} must be >= 1")
+        if t_max is not None and t_max < 1:
+            raise ValueError(f"t_max: {t_max} must be >= 1")
+        self.head_dim, self.base, self.train_len, self.t_max = head_dim, float(base), train_len, t_max
+        self.register_buffer("base_inv_freq", default_inv_freq(head_dim, base), persistent=False)
+
+    @abc.abstractmethod
+    def inv_freq(self, t: int) -> Tensor:
+        """θ(t), shape (head_dim//2,), float32; differentiable w.r.t. the module's weights in training."""
+
+    def inference_t(self, seq_len: int) -> int:
+        """Scaling factor for a length-n input (method.md §3.6): ceil(n/L) in [1, t_max]; 1 for plain RoPE."""
+        if self.t_max is None:
+            return 1
+        return min(max(1, math.ceil(seq_len / self.train_len)), self.t_max)
+
+    def forward(self, positions: Tensor, t: int = 1) -> tuple[Tensor, Tensor]:
+        return rotary_tables(positions, self.inv_freq(t))
+
+    @torch.no_grad()
+    def frequency_table(self) -> Tensor:
+        """θ(t) for t = 1..t_max (one row for plain RoPE), shape (rows, head_dim//2): a logging artifact."""
+        return torch.stack([self.inv_freq(t) for t in range(1, (self.t_max or 1) + 1)])
+
+    def _apply(self, fn, *args, **kwargs):
+        super()._apply(fn, *args, **kwargs)
+        self.base_inv_freq = default_inv_freq(self.head_dim, self.base).to(self.base_inv_freq.device)
+        return self
+
+
+class PlainRope(PositionEncoding):
+    """Plain RoPE: θ_i = base^(-2i/d) for every t (t is ignored)."""
+
+    def inv_freq(self, t: int = 1) -> Tensor:
+        return self.base_inv_freq

@@ -1,0 +1,180 @@
+"""CLEX: learned log-frequencies z(t) = ln θ(t), continuous (ODE) or discrete (per-t embedding).
+
+method.md §3.1-3.3 (state, dynamics g, constant term ξ_t), §3.6 (inference cache), §3.8 and §8
+(discrete baseline). With W_down = 0 at init, both variants start from a known prior: the
+continuous one from NTK-aware scaling with α = 2t-1 (or plain RoPE without ξ), the discrete one
+from plain RoPE.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+from torchdiffeq import odeint
+
+from .base import PositionEncoding, fp32
+
+ACTIVATIONS = {"silu": nn.SiLU, "tanh": nn.Tanh}
+# torchdiffeq methods on a fixed grid: they take options={"step_size": ...}, not rtol/atol.
+FIXED_GRID_METHODS = frozenset(
+    {"euler", "midpoint", "heun2", "heun3", "rk4", "explicit_adams", "implicit_adams", "fixed_adams"}
+)
+
+
+def solver_kwargs(method: str, step_size: float, rtol: float, atol: float) -> dict:
+    """odeint keyword arguments: step_size for fixed-grid methods, rtol/atol for adaptive ones."""
+    if method in FIXED_GRID_METHODS:
+        return {"method": method, "options": {"step_size": step_size}}
+    return {"method": method, "rtol": rtol, "atol": atol}
+
+
+def time_embedding(t: Tensor | float, head_dim: int, base: float) -> tuple[Tensor, Tensor]:
+    """(ln θ^NTK(t), ξ_t), each (head_dim//2,) float32 on t's device (method.md §3.3).
+
+    α = 2t-1 for t >= 1, else 1; ln θ^NTK_i = -(2i/d)·ln b - (2i/(d-2))·ln α, and
+    ξ_t,i = d ln θ^NTK_i / dt = -4i/((d-2)(2t-1)) (0 for t < 1, where α is constant).
+    """
+    t = torch.as_tensor(t, dtype=torch.float32)
+    i = torch.arange(head_dim // 2, dtype=torch.float32, device=t.device)
+    alpha = torch.where(t >= 1, 2 * t - 1, torch.ones_like(t))
+    log_theta = -(2 * i / head_dim) * math.log(base) - (2 * i / (head_dim - 2)) * torch.log(alpha)
+    xi = torch.where(t >= 1, -4 * i / ((head_dim - 2) * alpha), torch.zeros_like(i))
+    return log_theta, xi
+
+
+class UpDownFFN(nn.Module):
+    """x -> act(x·W_up)·W_down, no biases (the official `ODELinear` net, method.md §3.2).
+
+    W_up (d/2, λd) gets kaiming_uniform_(a=√5), i.e. U(±1/√(λd)) since PyTorch's fan_in is size(1);
+    W_down (λd, d/2) starts at zero, so the net's output is 0 at init. Computed in the input's
+    dtype promoted to at least float32 (the CLEX modules feed float32, as the official code does).
+    """
+
+    def __init__(self, head_dim: int, width: int, act: str):
+        super().__init__()
+        if act not in ACTIVATIONS:
+            raise ValueError(f"act: {act!r} is not one of {sorted(ACTIVATIONS)}")
+        self.w_up = nn.Parameter(torch.empty(head_dim // 2, width * head_dim))
+        self.w_down = nn.Parameter(torch.zeros(width * head_dim, head_dim // 2))
+        nn.init.kaiming_uniform_(self.w_up, a=math.sqrt(5))
+        self.act = ACTIVATIONS[act]()
+
+    def forward(self, x: Tensor) -> Tensor:
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        return self.act(x.to(dtype) @ self.w_up.to(dtype)) @ self.w_down.to(dtype)
+
+
+class ClexDynamics(nn.Module):
+    """g(t, z) = act((z + ln θ^NTK(t))·W_up)·W_down + ξ_t, the right-hand side dz/dt (method.md §3.2).
+
+    The time embedding uses `base`, the model's RoPE base. The official code at HEAD always uses
+    10000 there (method.md §3.3); the two agree for our default base 10000. `nfe` counts
+    evaluations; whoever wants per-solve counts resets it.
+    """
+
+    def __init__(self, head_dim: int, base: float, width: int = 1, act: str = "silu", constant_term: bool = True):
+        super().__init__()
+        self.head_dim, self.base, self.constant_term = head_dim, float(base), constant_term
+        self.ffn = UpDownFFN(head_dim, width, act)
+        self.nfe = 0
+
+    def forward(self, t: Tensor, z: Tensor) -> Tensor:
+        self.nfe += 1
+        log_theta_ntk, xi = time_embedding(t.to(z.device), self.head_dim, self.base)
+        dz = self.ffn(z + log_theta_ntk)
+        return dz + xi if self.constant_term else dz
+
+
+def _check_clex_dims(head_dim: int) -> None:
+    if head_dim < 4:
+        raise ValueError(f"head_dim: {head_dim} must be >= 4 for CLEX (the NTK exponent divides by d-2)")
+
+
+class ContinuousClex(PositionEncoding):
+    """CLEX with continuous dynamics: z(1) = ln θ, dz/dt = g(t, z), θ(t) = exp(z(t)) (method.md §3.1).
+
+    t = 1 returns the base frequencies exactly (the official code skips the ODE there). In training
+    mode every call solves [1, t] and back-propagates through the solver steps (no adjoint). In eval
+    mode integer t in 1..t_max read a cache filled by one solve over the grid [1, 2, ..., t_max]
+    (method.md §3.6). The official code never invalidates that cache, so evaluating between training
+    steps reuses stale frequencies; here `train()`/`eval()`, `load_state_dict` and `.to()` clear it.
+    Editing the weights in place while in eval mode needs an explicit `clear_cache()`.
+    """
+
+    def __init__(
+        self, head_dim: int, base: float, train_len: int, t_max: int, *, width: int = 1, act: str = "silu",
+        constant_term: bool = True, method: str = "dopri5", step_size: float = 0.01, rtol: float = 1e-6,
+        atol: float = 1e-8,
+    ):
+        _check_clex_dims(head_dim)
+        super().__init__(head_dim, base, train_len, t_max)
+        self.dynamics = ClexDynamics(head_dim, base, width, act, constant_term)
+        self.solver = solver_kwargs(method, step_size, rtol, atol)
+        self._cache: Tensor | None = None
+
+    def _solve(self, times: list[float]) -> Tensor:
+        """exp(z) at `times` (starting with 1.0), one row per time; row 0 is θ exactly."""
+        z1 = self.base_inv_freq.log()
+        grid = torch.tensor(times, dtype=torch.float32, device=z1.device)
+        with fp32(z1.device):
+            z = odeint(self.dynamics, z1, grid, **self.solver)
+        return torch.cat((self.base_inv_freq[None], z[1:].exp()))
+
+    def inv_freq(self, t: int) -> Tensor:
+        if t < 1:
+            raise ValueError(f"t: {t} must be >= 1")
+        if t == 1:
+            return self.base_inv_freq
+        if not self.training and float(t).is_integer() and t <= self.t_max:
+            return self.frequency_table()[int(t) - 1]
+        return self._solve([1.0, float(t)])[1]
+
+    @torch.no_grad()
+    def frequency_table(self) -> Tensor:
+        """θ(t) for t = 1..t_max from one grid solve; cached in eval mode, fresh in training mode."""
+        if self.training:
+            return self._solve([float(t) for t in range(1, self.t_max + 1)])
+        if self._cache is None:
+            self._cache = self._solve([float(t) for t in range(1, self.t_max + 1)])
+        return self._cache
+
+    def clear_cache(self) -> None:
+        self._cache = None
+
+    def train(self, mode: bool = True):
+        self.clear_cache()
+        return super().train(mode)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self.clear_cache()
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def _apply(self, fn, *args, **kwargs):
+        self.clear_cache()
+        return super()._apply(fn, *args, **kwargs)
+
+
+class DiscreteClex(PositionEncoding):
+    """Discrete-dynamics baseline (method.md §3.8, §8): z(t) = z(1) + FFN(e_t), t in 1..t_max.
+
+    e_t is a learnable embedding per integer t (nn.Embedding(t_max, d/2), N(0, 1) init); FFN is the
+    same up/down net as the ODE's, without time embedding or ξ. Rows are independent: z(t) depends
+    on e_t only. Choice: t = 1 returns the base frequencies exactly (e_1 is unused), mirroring the
+    continuous variant where t = 1 skips the ODE. Cheap, so no cache.
+    """
+
+    def __init__(self, head_dim: int, base: float, train_len: int, t_max: int, *, width: int = 1, act: str = "silu"):
+        _check_clex_dims(head_dim)
+        super().__init__(head_dim, base, train_len, t_max)
+        self.embedding = nn.Embedding(t_max, head_dim // 2)
+        self.ffn = UpDownFFN(head_dim, width, act)
+
+    def inv_freq(self, t: int) -> Tensor:
+        if not (float(t).is_integer() and 1 <= t <= self.t_max):
+            raise ValueError(f"t: {t} must be an integer in 1..{self.t_max} for discrete CLEX")
+        if t == 1:
+            return self.base_inv_freq
+        e_t = self.embedding.weight[int(t) - 1]
+        with fp32(e_t.device):  # θ·exp(NN(e_t)) = exp(z(1) + NN(e_t)), exactly θ while W_down = 0
+            return self.base_inv_freq * self.ffn(e_t).exp()
