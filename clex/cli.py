@@ -14,6 +14,14 @@ from clex.config import ParamsError, Study, load_study
 
 
 def _validate(study: Study, args) -> None:
+    import yaml
+
+    from clex.pipeline import missing_params
+
+    missing = missing_params(study, yaml.safe_load((study.root / "params.yaml").read_text()))
+    if missing:
+        raise ParamsError(f"params.yaml: {', '.join(missing)}: missing; DVC tracks every one of these keys, "
+                          "so params.yaml must list them all (copy the defaults from the repo's params.yaml)")
     out = study.root / "build" / "validated"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("params, experiments and ablations are valid\n")  # constant: downstream caches stay valid

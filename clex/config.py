@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import glob
 from pathlib import Path
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal, Union, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -276,10 +276,22 @@ class Study(BaseModel):
 
 
 # ---------------------------------------------------------------------------- loading
+def _union_tags(union) -> set[str]:
+    """The discriminator values of a tagged union (pydantic puts the tag into an error's location)."""
+    members = get_args(get_args(union)[0])
+    return {tag for m in members for tag in get_args(m.model_fields["type"].annotation)}
+
+
+def _key(loc: tuple) -> str:
+    """'rope.t_max', not pydantic's 'rope.clex.t_max': drop the union tag after a 'rope' key."""
+    tags = _union_tags(PositionSpec)
+    return ".".join(str(p) for i, p in enumerate(loc) if not (i and loc[i - 1] == "rope" and p in tags))
+
+
 def _format(err: ValidationError, source: str) -> str:
     lines = []
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"])
+        key = _key(e["loc"])
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "value_error":  # our own validators already name key, value and what is allowed
             lines.append(f"{source}: {msg}")

@@ -79,6 +79,20 @@ def stages(study: Study) -> dict:
     return s
 
 
+def missing_params(study: Study, raw: dict) -> list[str]:
+    """Keys the stages track that params.yaml does not spell out (DVC refuses to run a stage then)."""
+    def present(key: str) -> bool:
+        node = raw
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                return False
+            node = node[part]
+        return True
+
+    keys = {k for stage in stages(study).values() for k in stage.get("params", [])}
+    return sorted(k for k in keys if "$" not in k and not present(k))
+
+
 class _NoAliases(yaml.SafeDumper):
     def ignore_aliases(self, data) -> bool:
         return True

@@ -87,5 +87,6 @@ def close_stale_runs(root: Path, stage: str, keep: str | None = None) -> list[st
 
 
 def ablations_of(study, experiment: str) -> str:
-    """Comma-separated ablations that compare this experiment (a run is shared by several)."""
-    return ",".join(sorted(a.name for a in study.ablations.values() if experiment in a.experiments))
+    """Comma-separated ablations that use this experiment's runs (shared by several); every report shows
+    the base model, so 'base' belongs to all of them."""
+    return ",".join(sorted(a.name for a in study.ablations.values() if experiment in a.experiments + ["base"]))

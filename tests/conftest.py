@@ -25,13 +25,22 @@ def make_study(dest: Path, params: dict | None = None) -> Path:
         elif src.exists():
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(src, dest / name)
-    (dest / "params.yaml").write_text(yaml.safe_dump(params or yaml.safe_load(TINY.read_text())))
+    (dest / "params.yaml").write_text(yaml.safe_dump(params or tiny_params()))
     subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
     return dest
 
 
+def merged(base: dict, override: dict) -> dict:
+    """base with override's keys replaced, recursively into nested mappings."""
+    out = dict(base)
+    for k, v in override.items():
+        out[k] = merged(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+    return out
+
+
 def tiny_params() -> dict:
-    return yaml.safe_load(TINY.read_text())
+    """The repo's params.yaml with the tiny profile's overrides (DVC needs every tracked key spelled out)."""
+    return merged(yaml.safe_load((REPO / "params.yaml").read_text()), yaml.safe_load(TINY.read_text()))
 
 
 def run(study: Path, *cmd: str, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:

@@ -1,0 +1,103 @@
+"""The decoder, the PPL protocols and the report statistics, against independent references."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from clex.config import EvalConfig, ModelConfig
+from clex.evaluate import perplexity, windows
+from clex.lit import lr_lambda, step_generator
+from clex.config import OptimConfig
+from clex.model import Decoder, attention
+from clex.report import bootstrap_ci, mean_ci
+from clex.rope import PlainRope
+
+CFG = ModelConfig(d_model=32, n_layers=2, n_heads=4, d_ff=64, train_len=16)
+
+
+def tiny_model(seed: int = 0) -> Decoder:
+    torch.manual_seed(seed)
+    return Decoder(CFG, 50, PlainRope(CFG.head_dim, CFG.rope_base, CFG.train_len)).eval()
+
+
+def test_attention_matches_explicit_causal_softmax():
+    q, k, v = torch.randn(3, 2, 4, 7, 8).unbind(0)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(8)
+    scores = scores.masked_fill(torch.triu(torch.ones(7, 7, dtype=torch.bool), 1), float("-inf"))
+    torch.testing.assert_close(attention(q, k, v), scores.softmax(-1) @ v, rtol=1e-5, atol=1e-6)
+
+
+def test_decoder_is_causal_and_shift_invariant_under_rope():
+    model = tiny_model()
+    x = torch.randint(0, 50, (1, 12))
+    y = x.clone()
+    y[0, 8:] = (y[0, 8:] + 1) % 50
+    with torch.no_grad():
+        torch.testing.assert_close(model(x)[0, :8], model(y)[0, :8])  # the future does not leak
+        # RoPE is relative: shifting every position by a constant leaves the logits unchanged
+        pos = torch.arange(12, dtype=torch.float32)
+        torch.testing.assert_close(model(x, positions=pos + 5.0, t=1), model(x, positions=pos, t=1),
+                                   rtol=1e-4, atol=1e-4)
+
+
+def test_gpt2_style_init():
+    model = Decoder(ModelConfig(d_model=256, n_layers=4, n_heads=4, d_ff=512), 1000, PlainRope(64, 1e4, 128))
+    assert model.embed.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert model.blocks[0].attn.proj.weight.std().item() == pytest.approx(0.02 / math.sqrt(8), rel=0.05)
+    # tied head and near-uniform first prediction: loss ≈ ln(vocab), not the ~124 nats of default init
+    x = torch.randint(0, 1000, (2, 64))
+    loss = F.cross_entropy(model(x)[:, :-1].reshape(-1, 1000), x[:, 1:].reshape(-1))
+    assert abs(loss.item() - math.log(1000)) < 0.2
+
+
+def test_windows_cover_every_prediction_once():
+    assert windows(12, 4, "nonoverlapping", None) == [(0, 0), (4, 0), (8, 0)]
+    # sliding: first window scores all 3 predictions, the others their last `stride` = 2
+    w = windows(12, 4, "sliding", 2)
+    assert w == [(0, 0), (2, 1), (4, 1), (6, 1), (8, 1)]
+    targets = [s + 1 + j for s, first in w for j in range(first, 3)]
+    assert targets == list(range(1, 12))
+
+
+def test_perplexity_equals_direct_computation():
+    model = tiny_model()
+    docs = torch.randint(0, 50, (2, 32))
+    got = perplexity(model, docs, 16, EvalConfig(lengths=[16], batch_size=3))
+    nll, n = 0.0, 0
+    with torch.no_grad():
+        for d in range(2):
+            for s in (0, 16):
+                w = docs[d:d + 1, s:s + 16]
+                nll += F.cross_entropy(model(w)[0, :-1], w[0, 1:], reduction="sum").item()
+                n += 15
+    assert got["tokens"] == n
+    assert got["ppl"] == pytest.approx(math.exp(nll / n), rel=1e-5)
+    assert got["t"] == 1
+
+
+def test_mean_ci_matches_closed_form():
+    mean, half = mean_ci([1.0, 2.0, 3.0])
+    assert mean == 2.0
+    assert half == pytest.approx(4.302652729911275 * 1.0 / math.sqrt(3))  # t_{0.975, 2} · s / √n
+    assert math.isnan(mean_ci([5.0])[1])
+
+
+def test_bootstrap_ci_brackets_the_mean_and_is_degenerate_for_constant_diffs():
+    lo, hi = bootstrap_ci([0.5, 1.0, 1.5, 2.0])
+    assert lo < 1.25 < hi and lo >= 0.5 and hi <= 2.0
+    assert bootstrap_ci([0.3, 0.3, 0.3]) == pytest.approx((0.3, 0.3))
+
+
+def test_schedule_and_step_generator():
+    f = lr_lambda(OptimConfig(steps=100, batch_size=1, lr=1e-3, warmup_steps=10, min_lr_ratio=0.1))
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(10) == pytest.approx(1.0) and f(100) == pytest.approx(0.1)
+    assert f(55) == pytest.approx(0.1 + 0.9 * 0.5)
+    a, b = step_generator(3, 7), step_generator(3, 7)
+    assert torch.equal(torch.randperm(20, generator=a), torch.randperm(20, generator=b))
+    assert not np.array_equal(torch.randperm(20, generator=step_generator(3, 8)).numpy(),
+                              torch.randperm(20, generator=step_generator(3, 7)).numpy())

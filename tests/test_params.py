@@ -1,0 +1,76 @@
+"""Bad params stop `dvc repro` before any compute: one clear message, non-zero exit, no outputs."""
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from clex.config import load_study
+from conftest import REPO, make_study, run, tiny_params
+
+
+def _set(d: dict, dotted: str, value) -> dict:
+    *path, last = dotted.split(".")
+    for k in path:
+        d = d.setdefault(k, {})
+    d[last] = value
+
+
+BAD = [
+    # (file, dotted key, bad value, words the message must contain)
+    ("params.yaml", "experiments", ["naive_ft", "clexx"], ["experiments[1]", "'clexx'", "clex_discrete"]),
+    ("experiments/clex.yaml", "rope.t_max", 0, ["rope.t_max", "got 0", "greater than or equal to 1"]),
+    ("params.yaml", "eval.lengths", [32, 50], ["eval.lengths", "[50]", "multiples of 32"]),
+    ("params.yaml", "data", {"source": "files", "files": "/nonexistent/corpus/*.txt"},
+     ["data.files", "/nonexistent/corpus/*.txt", "matches no file"]),
+    ("params.yaml", "data.vocab_size", 100, ["data.vocab_size", "got 100", "greater than or equal to 257"]),
+    ("params.yaml", "eval.protocol", "strided", ["eval.protocol", "'strided'", "'nonoverlapping' or 'sliding'"]),
+]
+
+
+@pytest.mark.parametrize("file,key,value,words", BAD, ids=[b[1] for b in BAD])
+def test_bad_params_stop_the_pipeline_before_compute(tmp_path, file, key, value, words):
+    study = make_study(tmp_path / "study")
+    if file == "params.yaml":
+        params = tiny_params()
+        _set(params, key, value)
+        (study / file).write_text(yaml.safe_dump(params))
+    else:
+        exp = yaml.safe_load((study / file).read_text())
+        _set(exp, key, value)
+        (study / file).write_text(yaml.safe_dump(exp))
+    proc = run(study, "dvc", "repro", "ablations/discrete_vs_continuous", check=False)
+    assert proc.returncode != 0
+    message = proc.stderr + proc.stdout
+    assert "invalid parameters" in message
+    for w in words:
+        assert w in message, f"{w!r} missing from:\n{message}"
+    assert not (study / "build").exists() or not any((study / "build").rglob("*")), "outputs were written"
+    assert not (study / "reports").exists()
+    assert not (study / "mlflow.db").exists()
+
+
+def test_repo_study_is_valid_and_dvc_yaml_in_sync():
+    study = load_study(REPO)
+    assert set(study.params.experiments) <= set(study.experiments)
+    assert "discrete_vs_continuous" in study.ablations
+    run(REPO, "clex", "pipeline", "--check")
+
+
+def test_unknown_key_is_rejected(tmp_path):
+    study = make_study(tmp_path / "study")
+    params = tiny_params()
+    params["model"]["n_layer"] = 2  # typo of n_layers must not silently fall back to the default
+    (study / "params.yaml").write_text(yaml.safe_dump(params))
+    proc = run(study, "clex", "validate", check=False)
+    assert proc.returncode == 2
+    assert "model.n_layer" in proc.stderr and "Extra inputs are not permitted" in proc.stderr
+
+
+def test_key_tracked_by_dvc_must_be_spelled_out(tmp_path):
+    study = make_study(tmp_path / "study")
+    params = tiny_params()
+    del params["trainer"]["devices"], params["model"]["init_std"]  # pydantic has defaults; DVC would refuse later
+    (study / "params.yaml").write_text(yaml.safe_dump(params))
+    proc = run(study, "dvc", "repro", "ablations/discrete_vs_continuous", check=False)
+    assert proc.returncode != 0 and "model.init_std, trainer.devices: missing" in proc.stderr + proc.stdout
+    assert not (study / "build" / "data").exists()

@@ -1,0 +1,82 @@
+"""The real pipeline, end to end, on the tiny profile: `dvc repro`, the report, DVC metrics, MLflow runs."""
+from __future__ import annotations
+
+import json
+import sqlite3
+
+import mlflow
+import yaml
+
+from conftest import make_study, run, tiny_params
+
+
+def _runs(study):
+    client = mlflow.MlflowClient(f"sqlite:///{study / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("clex-study")
+    return client, exp, client.search_runs([exp.experiment_id], max_results=1000)
+
+
+def test_dvc_repro_ablation_end_to_end(tmp_path):
+    study = make_study(tmp_path / "study")
+    proc = run(study, "dvc", "repro", "ablations/discrete_vs_continuous")
+    assert "Running stage 'ablations/discrete_vs_continuous'" in proc.stdout
+
+    table = (study / "reports/discrete_vs_continuous/table.md").read_text()
+    assert "Eval protocol: **nonoverlapping**" in table
+    for row in ("| naive_ft |", "| clex |", "| clex_discrete |", "| base (plain RoPE, no fine-tune) |"):
+        assert row in table
+    assert " ± " in table  # two seeds: a CI per cell
+    assert "5.86 / " in table and "7.13 / " in table  # the paper's numbers beside ours
+    assert (study / "reports/discrete_vs_continuous/ppl_vs_length.png").stat().st_size > 10_000
+
+    shown = json.loads(run(study, "dvc", "metrics", "show", "--json").stdout)
+    metrics = next(iter(shown.values()))["data"]["reports/discrete_vs_continuous/metrics.json"]["data"]
+    assert set(metrics) == {"base", "naive_ft", "clex", "clex_discrete"}
+    assert set(metrics["clex"]) == {"32", "64", "128"}
+
+    client, exp, runs = _runs(study)
+    by_role = {}
+    for r in runs:
+        by_role.setdefault(r.data.tags["role"], []).append(r)
+    assert {k: len(v) for k, v in by_role.items()} == {"pretrain": 1, "finetune": 6, "evaluate": 7, "report": 1}
+    assert all(r.info.status == "FINISHED" for r in runs)
+    assert exp.artifact_location == (study / "mlruns").as_uri()
+    for r in by_role["evaluate"]:
+        tags = r.data.tags
+        for key in ("experiment", "seed", "ablations", "git_commit", "data_hash", "checkpoint_sha256",
+                    "eval_protocol", "dvc_stage", "mlflow.parentRunId"):
+            assert tags.get(key), key
+        history = client.get_metric_history(r.info.run_id, "ppl")
+        assert sorted(m.step for m in history) == [32, 64, 128]  # step = length: PPL-vs-length curves
+        assert r.data.params["model.train_len"] == "32"
+    finetunes = {r.data.tags["dvc_stage"]: r for r in by_role["finetune"]}
+    assert set(finetunes) == {f"finetune@{e}-{s}" for e in ("naive_ft", "clex", "clex_discrete") for s in (0, 1)}
+    clex = finetunes["finetune@clex-0"]
+    assert [m.step for m in client.get_metric_history(clex.info.run_id, "train_loss")] == [0, 1, 2]
+    assert client.get_metric_history(clex.info.run_id, "lr") and client.get_metric_history(clex.info.run_id, "val_loss")
+    artifacts = {a.path for a in client.list_artifacts(clex.info.run_id)}
+    assert {"frequencies.json", "run.json"} <= artifacts
+    assert "clex-study" in [e.name for e in client.search_experiments()]
+
+    # every report number is the tracked run's number
+    record = json.loads((study / "build/eval/clex/seed1.json").read_text())
+    tracked = {m.step: m.value for m in client.get_metric_history(record["run_id"], "ppl")}
+    assert tracked == {int(k): v for k, v in record["ppl"].items()}
+
+    # a second repro changes nothing and adds no run
+    again = run(study, "dvc", "repro", "ablations/discrete_vs_continuous")
+    assert "didn't change, skipping" in again.stdout or "Data and pipelines are up to date" in again.stdout
+    assert len(_runs(study)[2]) == len(runs)
+
+
+def test_finetune_ddp_two_cpu_processes_logs_one_run(trained_study):
+    params = tiny_params()
+    params["trainer"].update(devices=2, strategy="ddp", accelerator="cpu")
+    (trained_study / "params.yaml").write_text(yaml.safe_dump(params))
+    run(trained_study, "clex", "finetune", "clex", "--seed", "1")
+    client, exp, runs = _runs(trained_study)
+    mine = [r for r in runs if r.data.tags.get("dvc_stage") == "finetune@clex-1"]
+    assert len(mine) == 1 and mine[0].info.status == "FINISHED"
+    info = json.loads((trained_study / "build/finetune/clex/seed1/run.json").read_text())
+    assert info["run_id"] == mine[0].info.run_id
+    assert info["train_tokens"] == 3 * 2 * 4 * 32  # steps x ranks x batch x L: both ranks trained
