@@ -73,10 +73,29 @@ def test_finetune_ddp_two_cpu_processes_logs_one_run(trained_study):
     params = tiny_params()
     params["trainer"].update(devices=2, strategy="ddp", accelerator="cpu")
     (trained_study / "params.yaml").write_text(yaml.safe_dump(params))
-    run(trained_study, "clex", "finetune", "clex", "--seed", "1")
+    try:
+        run(trained_study, "clex", "finetune", "clex", "--seed", "1")
+    finally:  # the study is shared by the session
+        (trained_study / "params.yaml").write_text(yaml.safe_dump(tiny_params()))
     client, exp, runs = _runs(trained_study)
     mine = [r for r in runs if r.data.tags.get("dvc_stage") == "finetune@clex-1"]
     assert len(mine) == 1 and mine[0].info.status == "FINISHED"
     info = json.loads((trained_study / "build/finetune/clex/seed1/run.json").read_text())
     assert info["run_id"] == mine[0].info.run_id
     assert info["train_tokens"] == 3 * 2 * 4 * 32  # steps x ranks x batch x L: both ranks trained
+
+
+def test_rerun_closes_runs_a_killed_stage_left_running(trained_study):
+    """A process killed mid-stage leaves its MLflow run RUNNING; the stage's next run marks it KILLED."""
+    client, exp, _ = _runs(trained_study)
+    stale = {stage: client.create_run(exp.experiment_id, tags={"dvc_stage": stage, "role": role}).info.run_id
+             for stage, role in (("finetune@naive_ft-0", "finetune"), ("evaluate@naive_ft-0", "evaluate"))}
+    other = client.create_run(exp.experiment_id, tags={"dvc_stage": "finetune@clex-0"}).info.run_id
+    run(trained_study, "clex", "finetune", "naive_ft", "--seed", "0")
+    run(trained_study, "clex", "evaluate", "naive_ft", "--seed", "0")
+    for stage, run_id in stale.items():
+        assert client.get_run(run_id).info.status == "KILLED"
+        mine = [r for r in _runs(trained_study)[2] if r.data.tags.get("dvc_stage") == stage]
+        assert sorted(r.info.status for r in mine) == ["FINISHED", "KILLED"]
+    assert client.get_run(other).info.status == "RUNNING"  # another stage's run is not touched
+    client.set_terminated(other)
