@@ -132,18 +132,31 @@ def _paper_section(ab, summary, L) -> list[str]:
     return md
 
 
+def _t_interval(values) -> tuple[float, float]:
+    """The table's interval (mean ± Student-t half-width) as seaborn's errorbar callable wants it."""
+    mean, half = mean_ci(list(values))
+    half = 0.0 if np.isnan(half) else half
+    return mean - half, mean + half
+
+
 def _plot(df, path: Path, title: str, L: int) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import seaborn as sns
+    from matplotlib.ticker import NullLocator, ScalarFormatter
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    sns.lineplot(data=df, x="length", y="ppl", hue="experiment", marker="o", errorbar=("ci", 95), ax=ax)
-    ax.set(xscale="log", yscale="log", xlabel="evaluation length (tokens)", ylabel="perplexity", title=title)
+    sns.lineplot(data=df, x="length", y="ppl", hue="experiment", marker="o", errorbar=_t_interval, ax=ax)
+    ax.set(xscale="log", yscale="log", xlabel="evaluation length (tokens)",
+           ylabel="perplexity (mean, 95 % t-CI over seeds)", title=title)
     ax.axvline(L, color="grey", ls="--", lw=1)
-    ax.set_xticks(sorted(df.length.unique()), [str(v) for v in sorted(df.length.unique())])
+    lengths = sorted(df.length.unique())
+    ax.set_xticks(lengths, [str(v) for v in lengths])
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.yaxis.set_major_formatter(ScalarFormatter())
+    ax.yaxis.set_minor_formatter(ScalarFormatter())
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
