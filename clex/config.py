@@ -167,7 +167,59 @@ class ClexSpec(Strict):
     solver: SolverSpec = SolverSpec()
 
 
-PositionSpec = Annotated[Union[RopeSpec, ClexSpec], Field(discriminator="type")]
+class PiSpec(Strict):
+    """PI / linear position interpolation (method.md §2): θ'_i = θ_i / factor. No t is drawn in training."""
+
+    type: Literal["pi"]
+    factor: float = Field(ge=1, allow_inf_nan=False, description="s: positions m -> m/s")
+
+
+class NtkSpec(Strict):
+    """Static NTK-aware scaling (method.md §2): base b' = b·factor^(d/(d-2))."""
+
+    type: Literal["ntk"]
+    factor: float = Field(ge=1, allow_inf_nan=False, description="α of the new base b·α^(d/(d-2))")
+
+
+class DynamicNtkSpec(Strict):
+    """Dynamic NTK (HF 'dynamic'; inference-time only): b' = b·(f·n/L - (f-1))^(d/(d-2)) for n > L."""
+
+    type: Literal["dynamic_ntk"]
+    factor: float = Field(1.0, ge=1, allow_inf_nan=False, description="f; f = 2 gives CLEX's α = 2t-1")
+
+
+class YarnSpec(Strict):
+    """YaRN (method.md §2, "YaRN, exact"), L_orig = model.train_len; ramp bounds derived from d, L, base."""
+
+    type: Literal["yarn"]
+    factor: float = Field(ge=1, allow_inf_nan=False, description="s: the interpolation factor")
+    attn_factor: float = Field(1.0, gt=0, allow_inf_nan=False, description="multiplies mscale = 0.1·ln(s) + 1")
+    beta_fast: float = Field(32.0, gt=0, allow_inf_nan=False, description="pairs turning more than this over L keep θ")
+    beta_slow: float = Field(1.0, gt=0, allow_inf_nan=False, description="pairs turning less than this over L get θ/s")
+
+    @model_validator(mode="after")
+    def _betas(self) -> "YarnSpec":
+        if self.beta_fast <= self.beta_slow:
+            raise ValueError(
+                f"rope.beta_fast: {self.beta_fast} is not above rope.beta_slow={self.beta_slow}; "
+                f"allowed: beta_fast > beta_slow > 0 (defaults 32 and 1)"
+            )
+        return self
+
+
+class BaseChangeSpec(Strict):
+    """CodeLLaMA-style base change: plain RoPE with a new base (given, or derived from d and L)."""
+
+    type: Literal["base_change"]
+    base: float | None = Field(
+        None, gt=1, allow_inf_nan=False,
+        description="new RoPE base; null derives it from CodeLLaMA's 1e4 -> 1e6 (clex.rope.scaling.codellama_base)",
+    )
+
+
+PositionSpec = Annotated[
+    Union[RopeSpec, ClexSpec, PiSpec, NtkSpec, DynamicNtkSpec, YarnSpec, BaseChangeSpec], Field(discriminator="type")
+]
 
 
 class Experiment(Strict):
@@ -183,7 +235,7 @@ class Experiment(Strict):
         if self.position_sampling != "none" and getattr(self.rope, "t_max", None) is None:
             raise ValueError(
                 f"position_sampling: {self.position_sampling!r} needs a scaling factor t; "
-                f"allowed with rope.type 'rope': 'none' (use rope.type 'clex' for random/uniform)"
+                f"allowed with rope.type {self.rope.type!r}: 'none' (use rope.type 'clex' for random/uniform)"
             )
         return self
 

@@ -274,7 +274,7 @@ def test_build_position_encoding():
     )
     assert type(cont) is ContinuousClex and cont.solver == {"method": "rk4", "options": {"step_size": 0.1}}
     assert not cont.dynamics.constant_term and isinstance(cont.dynamics.ffn.act, torch.nn.Tanh)
-    with pytest.raises(ValueError, match=r"'bogus'.*\['clex', 'rope'\]"):
+    with pytest.raises(ValueError, match=r"'bogus'.*allowed: \[.*'clex'.*'rope'.*\]"):
         build_position_encoding(SimpleNamespace(type="bogus"), **kw)
 
 

@@ -2,15 +2,18 @@
 factories return modules because CLEX has learned state).
 
 A factory has the signature `(spec, *, head_dim, base, train_len) -> PositionEncoding`, where
-`spec` is a validated config object (clex.config.RopeSpec / ClexSpec; read by attribute only).
+`spec` is a validated config object (one of clex.config.PositionSpec; read by attribute only).
 """
 from __future__ import annotations
 
 from typing import Callable
 
-from .base import PlainRope, PositionEncoding, apply_rotary, default_inv_freq, ntk_inv_freq, rotary_tables, rotate_half
+from .base import (
+    PlainRope, PositionEncoding, apply_rotary, default_inv_freq, ntk_base, ntk_inv_freq, rotary_tables, rotate_half,
+)
 from .ode import ClexDynamics, ContinuousClex, DiscreteClex, time_embedding
 from .positions import POSITION_SAMPLING, sample_scale, training_positions
+from .scaling import BaseChange, DynamicNtk, LinearScaling, NtkScaling, Yarn, codellama_base
 
 Factory = Callable[..., PositionEncoding]
 ROPE_FACTORIES: dict[str, Factory] = {}
@@ -54,7 +57,34 @@ def _clex(spec, *, head_dim: int, base: float, train_len: int) -> PositionEncodi
     raise ValueError(f"rope.dynamics: {spec.dynamics!r} is unknown; allowed: ['continuous', 'discrete']")
 
 
+@register("pi")
+def _pi(spec, *, head_dim: int, base: float, train_len: int) -> PositionEncoding:
+    return LinearScaling(head_dim, base, train_len, spec.factor)
+
+
+@register("ntk")
+def _ntk(spec, *, head_dim: int, base: float, train_len: int) -> PositionEncoding:
+    return NtkScaling(head_dim, base, train_len, spec.factor)
+
+
+@register("dynamic_ntk")
+def _dynamic_ntk(spec, *, head_dim: int, base: float, train_len: int) -> PositionEncoding:
+    return DynamicNtk(head_dim, base, train_len, spec.factor)
+
+
+@register("yarn")
+def _yarn(spec, *, head_dim: int, base: float, train_len: int) -> PositionEncoding:
+    return Yarn(head_dim, base, train_len, spec.factor, attn_factor=spec.attn_factor,
+                beta_fast=spec.beta_fast, beta_slow=spec.beta_slow)
+
+
+@register("base_change")
+def _base_change(spec, *, head_dim: int, base: float, train_len: int) -> PositionEncoding:
+    return BaseChange(head_dim, base, train_len, spec.base)
+
+
 __all__ = [
+    "BaseChange", "DynamicNtk", "LinearScaling", "NtkScaling", "Yarn", "codellama_base", "ntk_base",
     "ROPE_FACTORIES", "POSITION_SAMPLING", "ClexDynamics", "ContinuousClex", "DiscreteClex", "PlainRope",
     "PositionEncoding", "apply_rotary", "build_position_encoding", "default_inv_freq", "ntk_inv_freq",
     "register", "rotary_tables", "rotate_half", "sample_scale", "time_embedding", "training_positions",

@@ -42,16 +42,26 @@ def rotary_tables(positions: Tensor, inv_freq: Tensor) -> tuple[Tensor, Tensor]:
         return emb.cos(), emb.sin()
 
 
-def default_inv_freq(head_dim: int, base: float) -> Tensor:
-    """θ_i = base^(-2i/d), i = 0..d/2-1, float32 (computed exactly as HF transformers does)."""
+def rope_powers(head_dim: int, base: float) -> Tensor:
+    """base^(2i/d) = 1/θ_i, i = 0..d/2-1, float32 (HF's `pos_freqs`, which YaRN divides by s)."""
     if head_dim < 2 or head_dim % 2:
         raise ValueError(f"head_dim: {head_dim} must be a positive even integer for RoPE")
-    return 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    return base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+
+
+def default_inv_freq(head_dim: int, base: float) -> Tensor:
+    """θ_i = base^(-2i/d), i = 0..d/2-1, float32 (computed exactly as HF transformers does)."""
+    return 1.0 / rope_powers(head_dim, base)
+
+
+def ntk_base(head_dim: int, base: float, alpha: float) -> float:
+    """NTK-aware base b' = b·α^(d/(d-2)) (method.md §2; the same float64 expression as HF)."""
+    return base * alpha ** (head_dim / (head_dim - 2))
 
 
 def ntk_inv_freq(head_dim: int, base: float, alpha: float) -> Tensor:
     """NTK-aware scaling (method.md §2): base b' = b·α^(d/(d-2)), then the default frequencies."""
-    return default_inv_freq(head_dim, base * alpha ** (head_dim / (head_dim - 2)))
+    return default_inv_freq(head_dim, ntk_base(head_dim, base, alpha))
 
 
 class PositionEncoding(nn.Module, abc.ABC):
