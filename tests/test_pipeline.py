@@ -2,7 +2,12 @@
 from __future__ import annotations
 
 import json
-import sqlite3
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import mlflow
 import yaml
@@ -99,3 +104,36 @@ def test_rerun_closes_runs_a_killed_stage_left_running(trained_study):
         assert sorted(r.info.status for r in mine) == ["FINISHED", "KILLED"]
     assert client.get_run(other).info.status == "RUNNING"  # another stage's run is not touched
     client.set_terminated(other)
+
+
+def test_killed_finetune_resumes_into_the_same_run(trained_study):
+    """SIGKILL mid-training, rerun: it resumes from the last checkpoint and finishes the same MLflow run."""
+    params = tiny_params()
+    params["finetune"]["steps"] = 400
+    params["trainer"].update(checkpoint_every_n_steps=5, val_every_n_steps=1000)
+    (trained_study / "params.yaml").write_text(yaml.safe_dump(params))
+    resume = trained_study / "build/resume/finetune@naive_ft-1"
+    try:
+        env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+               "MLFLOW_TRACKING_URI": f"sqlite:///{trained_study / 'mlflow.db'}"}
+        proc = subprocess.Popen(["clex", "finetune", "naive_ft", "--seed", "1"], cwd=trained_study, env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.time() + 120
+        while not (resume / "last.ckpt").exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)
+        assert proc.poll() is None, "training ended before it could be killed"
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        state = json.loads((resume / "state.json").read_text())
+        client, exp, runs = _runs(trained_study)
+        mine = [r for r in runs if r.data.tags.get("dvc_stage") == "finetune@naive_ft-1"]
+        assert [(r.info.run_id, r.info.status) for r in mine] == [(state["run_id"], "RUNNING")]
+
+        run(trained_study, "clex", "finetune", "naive_ft", "--seed", "1")
+        mine = [r for r in _runs(trained_study)[2] if r.data.tags.get("dvc_stage") == "finetune@naive_ft-1"]
+        assert [(r.info.run_id, r.info.status) for r in mine] == [(state["run_id"], "FINISHED")]
+        info = json.loads((trained_study / "build/finetune/naive_ft/seed1/run.json").read_text())
+        assert info["run_id"] == state["run_id"] and info["steps"] == 400 and not resume.exists()
+    finally:
+        (trained_study / "params.yaml").write_text(yaml.safe_dump(tiny_params()))
