@@ -9,8 +9,10 @@ Model and batch come from params.yaml (or --params); the experiments from experi
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -66,6 +68,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--vocab", type=int, default=4096)
     ap.add_argument("--experiments", nargs="*")
+    ap.add_argument("--json", type=Path, default=Path("build/benchmarks/step_time.json"))
     args = ap.parse_args()
     study = load_study(args.root)
     names = args.experiments or study.params.experiments
@@ -78,10 +81,15 @@ def main() -> None:
     steppers.update({name: Stepper(study, study.experiment(name), args.vocab) for name in names})
     times = step_times(steppers, args.steps)
     baseline = statistics.median(times["plain RoPE (baseline)"])
+    rows = {}
     for name, ts in times.items():
         med = statistics.median(ts)
+        rows[name] = {"ms_per_step": 1000 * med, "ratio_to_plain": med / baseline}
         print(f"{name:28s} {1000 * med:8.1f} ms/step  {med / baseline:.3f}x  (min {1000 * min(ts):.1f}, "
               f"max {1000 * max(ts):.1f})")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"threads": torch.get_num_threads(), "steps": args.steps, "rows": rows}, indent=2))
+    print(f"written {args.json}")
 
 
 if __name__ == "__main__":

@@ -272,7 +272,8 @@ def test_build_position_encoding():
     cont = build_position_encoding(
         ClexSpec(type="clex", t_max=8, act="tanh", constant_term=False, solver={"method": "rk4", "step_size": 0.1}), **kw
     )
-    assert type(cont) is ContinuousClex and cont.solver == {"method": "rk4", "options": {"step_size": 0.1}}
+    assert type(cont) is ContinuousClex and cont.solver == {"method": "rk4"}
+    assert (cont.variable, cont.step_size) == ("log_t", 0.1)
     assert not cont.dynamics.constant_term and isinstance(cont.dynamics.ffn.act, torch.nn.Tanh)
     with pytest.raises(ValueError, match=r"'bogus'.*allowed: \[.*'clex'.*'rope'.*\]"):
         build_position_encoding(SimpleNamespace(type="bogus"), **kw)

@@ -52,7 +52,7 @@ def _clex(spec, *, head_dim: int, base: float, train_len: int) -> PositionEncodi
         s = spec.solver
         return ContinuousClex(
             head_dim, base, train_len, spec.t_max, constant_term=spec.constant_term,
-            method=s.method, step_size=s.step_size, rtol=s.rtol, atol=s.atol, **common,
+            method=s.method, variable=s.variable, step_size=s.step_size, rtol=s.rtol, atol=s.atol, **common,
         )
     raise ValueError(f"rope.dynamics: {spec.dynamics!r} is unknown; allowed: ['continuous', 'discrete']")
 

@@ -16,31 +16,48 @@ from torchdiffeq import odeint
 from .base import PositionEncoding, fp32
 
 ACTIVATIONS = {"silu": nn.SiLU, "tanh": nn.Tanh}
-# torchdiffeq methods on a fixed grid: they take options={"step_size": ...}, not rtol/atol.
+# torchdiffeq methods on a fixed grid: they take a grid (here: `grid_constructor`), not rtol/atol.
 FIXED_GRID_METHODS = frozenset(
     {"euler", "midpoint", "heun2", "heun3", "rk4", "explicit_adams", "implicit_adams", "fixed_adams"}
 )
-
-
-def solver_kwargs(method: str, step_size: float, rtol: float, atol: float) -> dict:
-    """odeint keyword arguments: step_size for fixed-grid methods, rtol/atol for adaptive ones."""
-    if method in FIXED_GRID_METHODS:
-        return {"method": method, "options": {"step_size": step_size}}
-    return {"method": method, "rtol": rtol, "atol": atol}
+VARIABLES = ("t", "log_t")
+# The official solve (method.md §3.1): fixed-step rk4 in t at dt = 0.01, back-propagated through every step.
+REFERENCE_SOLVER = {"method": "rk4", "variable": "t", "step_size": 0.01}
 
 
 def time_embedding(t: Tensor | float, head_dim: int, base: float) -> tuple[Tensor, Tensor]:
-    """(ln θ^NTK(t), ξ_t), each (head_dim//2,) float32 on t's device (method.md §3.3).
+    """(ln θ^NTK(t), ξ_t), each (head_dim//2,) float32 (method.md §3.3); see `NtkTimeEmbedding`."""
+    return NtkTimeEmbedding(head_dim, base)(torch.as_tensor(t, dtype=torch.float32))
+
+
+class NtkTimeEmbedding(nn.Module):
+    """t -> (ln θ^NTK(t), ξ_t) with the t-independent parts precomputed (one ODE evaluation stays cheap).
 
     α = 2t-1 for t >= 1, else 1; ln θ^NTK_i = -(2i/d)·ln b - (2i/(d-2))·ln α, and
-    ξ_t,i = d ln θ^NTK_i / dt = -4i/((d-2)(2t-1)) (0 for t < 1, where α is constant).
+    ξ_t,i = d ln θ^NTK_i / dt = -(2i/(d-2))·2/α (0 for t < 1, where α is constant).
+    The constants are float32 buffers, rebuilt in float32 after any cast of the model.
     """
-    t = torch.as_tensor(t, dtype=torch.float32)
-    i = torch.arange(head_dim // 2, dtype=torch.float32, device=t.device)
-    alpha = torch.where(t >= 1, 2 * t - 1, torch.ones_like(t))
-    log_theta = -(2 * i / head_dim) * math.log(base) - (2 * i / (head_dim - 2)) * torch.log(alpha)
-    xi = torch.where(t >= 1, -4 * i / ((head_dim - 2) * alpha), torch.zeros_like(i))
-    return log_theta, xi
+
+    def __init__(self, head_dim: int, base: float):
+        super().__init__()
+        self.head_dim, self.base = head_dim, float(base)
+        self._constants(torch.device("cpu"))
+
+    def _constants(self, device: torch.device) -> None:
+        i = torch.arange(self.head_dim // 2, dtype=torch.float32, device=device)
+        self.register_buffer("log_theta_1", -(2 * i / self.head_dim) * math.log(self.base), persistent=False)
+        self.register_buffer("slope", 2 * i / (self.head_dim - 2), persistent=False)
+
+    def _apply(self, fn, *args, **kwargs):
+        super()._apply(fn, *args, **kwargs)
+        self._constants(self.slope.device)
+        return self
+
+    def forward(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        t = t.to(self.slope.device, torch.float32)
+        alpha = (2 * t - 1).clamp_min(1.0)
+        xi = self.slope * (-2 / alpha)
+        return self.log_theta_1 - self.slope * alpha.log(), torch.where(t >= 1, xi, torch.zeros_like(xi))
 
 
 class UpDownFFN(nn.Module):
@@ -77,13 +94,27 @@ class ClexDynamics(nn.Module):
         super().__init__()
         self.head_dim, self.base, self.constant_term = head_dim, float(base), constant_term
         self.ffn = UpDownFFN(head_dim, width, act)
+        self.embed = NtkTimeEmbedding(head_dim, base)
         self.nfe = 0
 
     def forward(self, t: Tensor, z: Tensor) -> Tensor:
         self.nfe += 1
-        log_theta_ntk, xi = time_embedding(t.to(z.device), self.head_dim, self.base)
+        log_theta_ntk, xi = self.embed(t)
         dz = self.ffn(z + log_theta_ntk)
         return dz + xi if self.constant_term else dz
+
+
+class LogTime(nn.Module):
+    """The same ODE in τ = ln t: dz/dτ = t·g(t, z). Under the NTK prior z(t) ≈ z(1) - c·ln(2t-1) is
+    nearly linear in τ, so a few fixed steps in τ reach the accuracy of 1,500 steps in t."""
+
+    def __init__(self, dynamics: ClexDynamics):
+        super().__init__()
+        self.dynamics = dynamics
+
+    def forward(self, tau: Tensor, z: Tensor) -> Tensor:
+        t = tau.exp()
+        return t * self.dynamics(t, z)
 
 
 def _check_clex_dims(head_dim: int) -> None:
@@ -94,32 +125,45 @@ def _check_clex_dims(head_dim: int) -> None:
 class ContinuousClex(PositionEncoding):
     """CLEX with continuous dynamics: z(1) = ln θ, dz/dt = g(t, z), θ(t) = exp(z(t)) (method.md §3.1).
 
-    t = 1 returns the base frequencies exactly (the official code skips the ODE there). In training
-    mode every call solves [1, t] and back-propagates through the solver steps (no adjoint). In eval
-    mode integer t in 1..t_max read a cache filled by one solve over the grid [1, 2, ..., t_max]
-    (method.md §3.6). The official code never invalidates that cache, so evaluating between training
-    steps reuses stale frequencies; here `train()`/`eval()`, `load_state_dict` and `.to()` clear it.
-    Editing the weights in place while in eval mode needs an explicit `clear_cache()`.
+    Each θ(t) is one torchdiffeq solve from 1 to t, in the variable `variable` ('t' as the official
+    code, or 'log_t': the same ODE in τ = ln t, see `LogTime`). Fixed-grid methods split [start, end]
+    into ceil(Δ/step_size) equal steps (the official grid when Δ/step_size is whole); adaptive methods
+    use rtol/atol. t = 1 returns the base frequencies exactly (the official code skips the ODE there).
+    In training mode every call solves and back-propagates through the solver steps (no adjoint). In
+    eval mode integer t in 1..t_max read a table filled once by the same per-t solves, so inference
+    uses exactly the θ(t) of training (method.md §3.6). The official code never invalidates its cache;
+    here `train()`/`eval()`, `load_state_dict` and `.to()` clear it. Editing the weights in place while
+    in eval mode needs an explicit `clear_cache()`.
     """
 
     def __init__(
         self, head_dim: int, base: float, train_len: int, t_max: int, *, width: int = 1, act: str = "silu",
-        constant_term: bool = True, method: str = "dopri5", step_size: float = 0.01, rtol: float = 1e-6,
-        atol: float = 1e-8,
+        constant_term: bool = True, method: str = "dopri5", variable: str = "t", step_size: float = 0.01,
+        rtol: float = 1e-6, atol: float = 1e-8,
     ):
         _check_clex_dims(head_dim)
+        if variable not in VARIABLES:
+            raise ValueError(f"variable: {variable!r} is not one of {list(VARIABLES)}")
         super().__init__(head_dim, base, train_len, t_max)
         self.dynamics = ClexDynamics(head_dim, base, width, act, constant_term)
-        self.solver = solver_kwargs(method, step_size, rtol, atol)
+        self.variable, self.method, self.step_size = variable, method, step_size
+        self.solver = {"method": method} if method in FIXED_GRID_METHODS else {"method": method, "rtol": rtol, "atol": atol}
         self._cache: Tensor | None = None
 
-    def _solve(self, times: list[float]) -> Tensor:
-        """exp(z) at `times` (starting with 1.0), one row per time; row 0 is θ exactly."""
+    def _solve(self, t: float) -> Tensor:
+        """exp(z(t)) from one solve over [1, t] (in t or in ln t)."""
         z1 = self.base_inv_freq.log()
-        grid = torch.tensor(times, dtype=torch.float32, device=z1.device)
+        func, end = (self.dynamics, float(t)) if self.variable == "t" else (LogTime(self.dynamics), math.log(t))
+        start = 1.0 if self.variable == "t" else 0.0
+        span = torch.tensor([start, end], dtype=torch.float32, device=z1.device)
+        kwargs = dict(self.solver)
+        if self.method in FIXED_GRID_METHODS:
+            steps = max(1, math.ceil((end - start) / self.step_size - 1e-9))
+            grid = torch.linspace(start, end, steps + 1, dtype=torch.float32, device=z1.device)
+            kwargs["options"] = {"grid_constructor": lambda *_: grid}
         with fp32(z1.device):
-            z = odeint(self.dynamics, z1, grid, **self.solver)
-        return torch.cat((self.base_inv_freq[None], z[1:].exp()))
+            z = odeint(func, z1, span, **kwargs)
+        return z[-1].exp()
 
     def inv_freq(self, t: int) -> Tensor:
         if t < 1:
@@ -128,16 +172,19 @@ class ContinuousClex(PositionEncoding):
             return self.base_inv_freq
         if not self.training and float(t).is_integer() and t <= self.t_max:
             return self.frequency_table()[int(t) - 1]
-        return self._solve([1.0, float(t)])[1]
+        return self._solve(t)
 
     @torch.no_grad()
     def frequency_table(self) -> Tensor:
-        """θ(t) for t = 1..t_max from one grid solve; cached in eval mode, fresh in training mode."""
+        """θ(t) for t = 1..t_max, the same per-t solves as training; cached in eval mode."""
         if self.training:
-            return self._solve([float(t) for t in range(1, self.t_max + 1)])
+            return self._table()
         if self._cache is None:
-            self._cache = self._solve([float(t) for t in range(1, self.t_max + 1)])
+            self._cache = self._table()
         return self._cache
+
+    def _table(self) -> Tensor:
+        return torch.stack([self.base_inv_freq] + [self._solve(t) for t in range(2, self.t_max + 1)])
 
     def clear_cache(self) -> None:
         self._cache = None
