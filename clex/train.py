@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -16,6 +17,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_only
 
@@ -63,6 +65,16 @@ def load_checkpoint(study: Study, experiment: Experiment, ckpt: Path) -> Decoder
     return model
 
 
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Write each checkpoint to a temporary file and rename it into place, so a process killed while
+    saving leaves the previous last.ckpt intact and the rerun can resume from it."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        tmp = f"{path}.partial"
+        super().save_checkpoint(checkpoint, tmp, storage_options)
+        os.replace(tmp, path)
+
+
 def resolve_trainer(cfg: TrainerConfig, learned_rope: bool) -> dict:
     """Trainer kwargs from params; bf16-mixed on CUDA when precision is 'auto'."""
     cuda = torch.cuda.is_available() and cfg.accelerator in ("auto", "gpu", "cuda")
@@ -73,7 +85,8 @@ def resolve_trainer(cfg: TrainerConfig, learned_rope: bool) -> dict:
         strategy = DDPStrategy(start_method=cfg.strategy.replace("ddp_", "") if "_" in cfg.strategy else "popen",
                                find_unused_parameters=True)
     return dict(accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes,
-                strategy=strategy, precision=precision, gradient_clip_val=cfg.gradient_clip_val or None)
+                strategy=strategy, precision=precision, gradient_clip_val=cfg.gradient_clip_val or None,
+                plugins=[AtomicCheckpointIO()])
 
 
 def _config_hash(*parts) -> str:
