@@ -68,3 +68,37 @@ def test_reference_grid_is_the_official_one():
     m.dynamics.nfe = 0
     m.inv_freq(3)
     assert m.dynamics.nfe == 4 * 200  # [1, 3] at dt = 0.01
+
+
+# ------------------------------------------------------------------ t_scale: the rate the network learns
+def test_log_t_scale_with_zero_network_is_linear_and_ntk():
+    for t in (2, 7, 16):
+        lin = ContinuousClex(32, 10000.0, 128, T_MAX, t_scale="linear", **SolverSpec().model_dump())
+        log = ContinuousClex(32, 10000.0, 128, T_MAX, t_scale="log", **SolverSpec().model_dump())
+        assert torch.equal(lin.inv_freq(t), log.inv_freq(t))
+        ntk = ntk_inv_freq(32, 10000.0, 2 * t - 1)
+        assert ((log.inv_freq(t).detach() - ntk).abs() / ntk).max() < 5e-5
+
+
+def test_log_t_scale_matches_an_independent_float64_solve():
+    """dz/dτ = act((z + ln θ^NTK(t))·W_up)·W_down + t·ξ_t in τ = ln t, written out here in float64."""
+    from torchdiffeq import odeint
+
+    m = clex(32, SolverSpec().model_dump(), 0.02, act="tanh")
+    m.dynamics.t_scale = "log"
+    w_up, w_down = (p.detach().double() for p in (m.dynamics.ffn.w_up, m.dynamics.ffn.w_down))
+    i = torch.arange(16, dtype=torch.float64)
+
+    def rhs(tau, z):
+        t = tau.exp()
+        log_theta_ntk = -(2 * i / 32) * math.log(10000.0) - (2 * i / 30) * torch.log(2 * t - 1)
+        xi = -(2 * i / 30) * 2 / (2 * t - 1)
+        return torch.tanh((z + log_theta_ntk) @ w_up) @ w_down + t * xi
+
+    z1 = m.base_inv_freq.double().log()
+    linear = clex(32, SolverSpec().model_dump(), 0.02, act="tanh")
+    for t in (2, 5, 16):
+        exact = odeint(rhs, z1, torch.tensor([0.0, math.log(t)], dtype=torch.float64), rtol=1e-11, atol=1e-12)[-1].exp()
+        ours = m.inv_freq(t).detach().double()
+        assert ((ours - exact).abs() / exact).max() < 1e-4
+        assert ((linear.inv_freq(t).detach().double() - exact).abs() / exact).max() > 1e-3  # a different model

@@ -82,17 +82,26 @@ class UpDownFFN(nn.Module):
         return self.act(x.to(dtype) @ self.w_up.to(dtype)) @ self.w_down.to(dtype)
 
 
+T_SCALES = ("linear", "log")
+
+
 class ClexDynamics(nn.Module):
     """g(t, z) = act((z + ln θ^NTK(t))·W_up)·W_down + ξ_t, the right-hand side dz/dt (method.md §3.2).
 
-    The time embedding uses `base`, the model's RoPE base. The official code at HEAD always uses
-    10000 there (method.md §3.3); the two agree for our default base 10000. `nfe` counts
-    evaluations; whoever wants per-solve counts resets it.
+    `t_scale` (method.md §8) says which rate the network learns. 'linear' (official): the network
+    output is dz/dt. 'log': it is dz/dτ with τ = ln t, i.e. dz/dt = NN/t + ξ_t, so its influence per
+    unit of t decays like 1/t; the constant term stays dz/dt of the NTK prior in both, and with a
+    zero network both give NTK scaling with α = 2t-1. The time embedding uses `base`, the model's
+    RoPE base; the official code at HEAD always uses 10000 there (method.md §3.3), the same for our
+    default. `nfe` counts evaluations; whoever wants per-solve counts resets it.
     """
 
-    def __init__(self, head_dim: int, base: float, width: int = 1, act: str = "silu", constant_term: bool = True):
+    def __init__(self, head_dim: int, base: float, width: int = 1, act: str = "silu", constant_term: bool = True,
+                 t_scale: str = "linear"):
         super().__init__()
-        self.head_dim, self.base, self.constant_term = head_dim, float(base), constant_term
+        if t_scale not in T_SCALES:
+            raise ValueError(f"t_scale: {t_scale!r} is not one of {list(T_SCALES)}")
+        self.head_dim, self.base, self.constant_term, self.t_scale = head_dim, float(base), constant_term, t_scale
         self.ffn = UpDownFFN(head_dim, width, act)
         self.embed = NtkTimeEmbedding(head_dim, base)
         self.nfe = 0
@@ -101,6 +110,8 @@ class ClexDynamics(nn.Module):
         self.nfe += 1
         log_theta_ntk, xi = self.embed(t)
         dz = self.ffn(z + log_theta_ntk)
+        if self.t_scale == "log":
+            dz = dz / t
         return dz + xi if self.constant_term else dz
 
 
@@ -138,14 +149,14 @@ class ContinuousClex(PositionEncoding):
 
     def __init__(
         self, head_dim: int, base: float, train_len: int, t_max: int, *, width: int = 1, act: str = "silu",
-        constant_term: bool = True, method: str = "dopri5", variable: str = "t", step_size: float = 0.01,
-        rtol: float = 1e-6, atol: float = 1e-8,
+        constant_term: bool = True, t_scale: str = "linear", method: str = "dopri5", variable: str = "t",
+        step_size: float = 0.01, rtol: float = 1e-6, atol: float = 1e-8,
     ):
         _check_clex_dims(head_dim)
         if variable not in VARIABLES:
             raise ValueError(f"variable: {variable!r} is not one of {list(VARIABLES)}")
         super().__init__(head_dim, base, train_len, t_max)
-        self.dynamics = ClexDynamics(head_dim, base, width, act, constant_term)
+        self.dynamics = ClexDynamics(head_dim, base, width, act, constant_term, t_scale)
         self.variable, self.method, self.step_size = variable, method, step_size
         self.solver = {"method": method} if method in FIXED_GRID_METHODS else {"method": method, "rtol": rtol, "atol": atol}
         self._cache: Tensor | None = None
