@@ -37,11 +37,12 @@ class Stepper:
 
     def step(self) -> float:
         start = time.perf_counter()
-        t, positions = 1, None
+        gen, t = step_generator(0, self.n), 1
         if self.rope.t_max is not None:  # as in training: t ~ U{1..t_max}, positions for that t
-            gen = step_generator(0, self.n)
             t = sample_scale(self.rope.t_max, gen)
             positions = training_positions(self.sampling, self.seq_len, t, self.train_len, gen)
+        else:  # RandomPos draws its own positions; None (0..N-1) for the others
+            positions = self.rope.sample_positions(self.seq_len, gen)
         logits = self.model(self.batch[:, :-1], positions=positions, t=t)
         loss = F.cross_entropy(logits.reshape(-1, self.vocab), self.batch[:, 1:].reshape(-1))
         self.opt.zero_grad()

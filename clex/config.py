@@ -171,7 +171,16 @@ class ClexSpec(Strict):
     ode_width: int = Field(1, ge=1, description="λ: hidden width of the dynamics FFN is λ·d")
     act: Literal["silu", "tanh"] = "silu"
     constant_term: bool = True
+    t_scale: Literal["linear", "log"] = Field(
+        "linear", description="the rate the ODE network learns: dz/dt (official) or dz/d(ln t)")
     solver: SolverSpec = SolverSpec()
+
+    @model_validator(mode="after")
+    def _continuous_only(self) -> "ClexSpec":
+        if self.dynamics == "discrete" and self.t_scale != "linear":
+            raise ValueError(f"rope.t_scale: {self.t_scale!r} needs an ODE; allowed with rope.dynamics "
+                             f"'discrete': 'linear' (t_scale is a knob of the continuous dynamics)")
+        return self
 
 
 class PiSpec(Strict):
@@ -224,8 +233,35 @@ class BaseChangeSpec(Strict):
     )
 
 
+class AlibiSpec(Strict):
+    """ALiBi (method.md §2): no rotation; bias -m_h·(i-j) on the logits, slopes from the head count."""
+
+    type: Literal["alibi"]
+
+
+class SandwichSpec(Strict):
+    """Sandwich (Chi et al. 2023): no rotation; bias from inner products of d̄-dim sinusoidal embeddings."""
+
+    type: Literal["sandwich"]
+    d_bar: int = Field(
+        128, ge=2, multiple_of=2,
+        description="d̄: dimension of the sinusoidal embeddings whose inner product is the bias (even; paper 128)",
+    )
+
+
+class RandomPosSpec(Strict):
+    """RandomPos (Ruoss et al. 2023): plain RoPE trained on a sorted random N-subset of positions [0, M)."""
+
+    type: Literal["randompos"]
+    max_position_factor: int = Field(
+        16, ge=1, description="M = max_position_factor · model.train_len (16 matches CLEX's t_max); M >= N",
+    )
+
+
 PositionSpec = Annotated[
-    Union[RopeSpec, ClexSpec, PiSpec, NtkSpec, DynamicNtkSpec, YarnSpec, BaseChangeSpec], Field(discriminator="type")
+    Union[RopeSpec, ClexSpec, PiSpec, NtkSpec, DynamicNtkSpec, YarnSpec, BaseChangeSpec, AlibiSpec, SandwichSpec,
+          RandomPosSpec],
+    Field(discriminator="type"),
 ]
 
 
@@ -387,6 +423,13 @@ def load_study(root: Path | str = ".", params_file: str = "params.yaml") -> Stud
         p.stem: _validate(Experiment, {"name": p.stem, **_read_yaml(p)}, f"experiments/{p.name}")
         for p in sorted((root / "experiments").glob("*.yaml"))
     }
+    for name, exp in experiments.items():
+        factor, n = getattr(exp.rope, "max_position_factor", None), params.finetune.seq_len_factor
+        if factor is not None and factor < n:
+            raise ParamsError(
+                f"experiments/{name}.yaml: rope.max_position_factor: {factor} is below finetune.seq_len_factor={n}; "
+                f"allowed: >= {n} (M = factor·L positions must hold the N = {n}·L training tokens)"
+            )
     for i, name in enumerate(params.experiments):
         if name not in experiments:
             raise ParamsError(

@@ -42,12 +42,13 @@ class LitDecoder(L.LightningModule):
         self.tokens_seen = 0
 
     def scale_and_positions(self, seq_len: int) -> tuple[int, torch.Tensor | None]:
-        """(t, positions) for this step; t = 1 and default positions for encodings without a scale."""
-        t_max = self.model.rope.t_max
-        if t_max is None:
-            return 1, None
-        gen = step_generator(self.seed, self.global_step)
-        t = sample_scale(t_max, gen)
+        """(t, positions) for this step. Encodings without a scale get t = 1 and the positions their
+        `sample_positions` draws from the same per-step generator (None, i.e. 0..N-1, for most)."""
+        rope, gen = self.model.rope, step_generator(self.seed, self.global_step)
+        if rope.t_max is None:
+            positions = rope.sample_positions(seq_len, gen)
+            return 1, None if positions is None else positions.to(self.device)
+        t = sample_scale(rope.t_max, gen)
         positions = training_positions(self.position_sampling, seq_len, t, self.model.cfg.train_len, gen)
         return t, positions.to(self.device)
 

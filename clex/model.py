@@ -1,10 +1,12 @@
 """A small LLaMA-style decoder (RMSNorm, SwiGLU, rotary attention) with a pluggable position encoding.
 
 The position encoding is a registered `clex.rope.PositionEncoding`: the model only asks it for the
-cos/sin table of the positions and scaling factor t it is given. Training code chooses (t, positions)
-(method.md §3.4-3.5); at inference the encoding picks t from the sequence length (§3.6).
-Attention goes through `flash_attn` when it is installed and the tensors are on CUDA in half precision,
-else through `torch.nn.functional.scaled_dot_product_attention` (which itself uses a flash kernel on CUDA).
+cos/sin table of the positions and scaling factor t it is given (rotary encodings), and for an
+attention bias (ALiBi, Sandwich), each built once per forward and shared by every layer. Training code
+chooses (t, positions) (method.md §3.4-3.5); at inference the encoding picks t from the sequence length (§3.6).
+Attention without a bias goes through `flash_attn` when it is installed and the tensors are on CUDA in half
+precision, else through `torch.nn.functional.scaled_dot_product_attention` (which itself uses a flash kernel
+on CUDA); with a bias, through SDPA with the bias and the causal mask as one additive float mask.
 """
 from __future__ import annotations
 
@@ -23,12 +25,32 @@ except ImportError:  # pragma: no cover - the CPU default
     flash_attn_func = None
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Causal attention on (B, H, T, D) tensors; flash-attn where it can run, SDPA otherwise."""
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal attention on (B, H, T, D) tensors; flash-attn where it can run, SDPA otherwise.
+
+    `mask` (from `causal_mask`) is an additive float mask that already holds causality; it forces SDPA.
+    """
+    if mask is not None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype))
     if flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
         out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
         return out.transpose(1, 2)
     return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def causal_mask(bias: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """bias (…, Tq, Tk) with -inf where key j > query i, cast once to the attention dtype.
+
+    The bias itself is float32 (the encoding builds it so); like cos/sin, it is rounded only here.
+    """
+    future = torch.ones(bias.shape[-2:], dtype=torch.bool, device=bias.device).triu(1)
+    return bias.masked_fill(future, float("-inf")).to(dtype)
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype q and k will have: autocast's when it is on for x's device, else x's own."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
 class RMSNorm(nn.Module):
@@ -49,12 +71,14 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        cos, sin = cos.to(q.dtype), sin.to(q.dtype)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        return self.proj(attention(q, k, v).transpose(1, 2).reshape(B, T, C))
+        if cos is not None:
+            cos, sin = cos.to(q.dtype), sin.to(q.dtype)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        return self.proj(attention(q, k, v, mask).transpose(1, 2).reshape(B, T, C))
 
 
 class SwiGLU(nn.Module):
@@ -74,8 +98,8 @@ class Block(nn.Module):
         self.attn_norm, self.attn = RMSNorm(cfg.d_model), Attention(cfg)
         self.mlp_norm, self.mlp = RMSNorm(cfg.d_model), SwiGLU(cfg)
 
-    def forward(self, x, cos, sin):
-        x = x + self.attn(self.attn_norm(x), cos, sin)
+    def forward(self, x, cos, sin, mask=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -111,10 +135,13 @@ class Decoder(nn.Module):
             positions = torch.arange(T, device=tokens.device, dtype=torch.float32)
         if t is None:
             t = self.rope.inference_t(T)
-        cos, sin = self.rope(positions, t)
+        rope = self.rope
+        cos, sin = rope(positions, t) if rope.rotary else (None, None)
         x = self.embed(tokens)
+        bias = rope.attention_bias(self.cfg.n_heads, positions, positions)
+        mask = None if bias is None else causal_mask(bias, compute_dtype(x))
         for block in self.blocks:
-            x = block(x, cos, sin)
+            x = block(x, cos, sin, mask)
         return self.norm(x) @ self.embed.weight.T
 
 

@@ -11,8 +11,9 @@ from typing import Callable
 from .base import (
     PlainRope, PositionEncoding, apply_rotary, default_inv_freq, ntk_base, ntk_inv_freq, rotary_tables, rotate_half,
 )
+from .bias import Alibi, BiasEncoding, Sandwich, alibi_slopes
 from .ode import ClexDynamics, ContinuousClex, DiscreteClex, time_embedding
-from .positions import POSITION_SAMPLING, sample_scale, training_positions
+from .positions import POSITION_SAMPLING, RandomPos, random_positions, sample_scale, training_positions
 from .scaling import BaseChange, DynamicNtk, LinearScaling, NtkScaling, Yarn, codellama_base
 
 Factory = Callable[..., PositionEncoding]
@@ -51,7 +52,7 @@ def _clex(spec, *, head_dim: int, base: float, train_len: int) -> PositionEncodi
     if spec.dynamics == "continuous":
         s = spec.solver
         return ContinuousClex(
-            head_dim, base, train_len, spec.t_max, constant_term=spec.constant_term,
+            head_dim, base, train_len, spec.t_max, constant_term=spec.constant_term, t_scale=spec.t_scale,
             method=s.method, variable=s.variable, step_size=s.step_size, rtol=s.rtol, atol=s.atol, **common,
         )
     raise ValueError(f"rope.dynamics: {spec.dynamics!r} is unknown; allowed: ['continuous', 'discrete']")
@@ -83,7 +84,23 @@ def _base_change(spec, *, head_dim: int, base: float, train_len: int) -> Positio
     return BaseChange(head_dim, base, train_len, spec.base)
 
 
+@register("alibi")
+def _alibi(spec, *, head_dim: int, base: float, train_len: int) -> PositionEncoding:
+    return Alibi(head_dim, base, train_len)
+
+
+@register("sandwich")
+def _sandwich(spec, *, head_dim: int, base: float, train_len: int) -> PositionEncoding:
+    return Sandwich(head_dim, base, train_len, spec.d_bar)
+
+
+@register("randompos")
+def _randompos(spec, *, head_dim: int, base: float, train_len: int) -> PositionEncoding:
+    return RandomPos(head_dim, base, train_len, spec.max_position_factor)
+
+
 __all__ = [
+    "Alibi", "BiasEncoding", "RandomPos", "Sandwich", "alibi_slopes", "random_positions",
     "BaseChange", "DynamicNtk", "LinearScaling", "NtkScaling", "Yarn", "codellama_base", "ntk_base",
     "ROPE_FACTORIES", "POSITION_SAMPLING", "ClexDynamics", "ContinuousClex", "DiscreteClex", "PlainRope",
     "PositionEncoding", "apply_rotary", "build_position_encoding", "default_inv_freq", "ntk_inv_freq",

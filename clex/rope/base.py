@@ -69,7 +69,10 @@ class PositionEncoding(nn.Module, abc.ABC):
 
     `base_inv_freq` (the unscaled θ) is a non-persistent float32 buffer; it is rebuilt in float32
     after every `.to()`/`.half()`, so casting the model (e.g. bf16-true) never rounds it.
+    Optional hooks (defaults: plain rotary behaviour): `rotary`, `attention_bias`, `sample_positions`.
     """
+
+    rotary: bool = True  # False (ALiBi, Sandwich): no rotation, the Decoder builds no cos/sin tables
 
     def __init__(self, head_dim: int, base: float, train_len: int, t_max: int | None = None):
         super().__init__()
@@ -92,6 +95,16 @@ class PositionEncoding(nn.Module, abc.ABC):
 
     def forward(self, positions: Tensor, t: int = 1) -> tuple[Tensor, Tensor]:
         return rotary_tables(positions, self.inv_freq(t))
+
+    def attention_bias(self, n_heads: int, q_positions: Tensor, k_positions: Tensor) -> Tensor | None:
+        """Float32 bias added to the attention logits, (H, Tq, Tk) or (B, H, Tq, Tk) for positions
+        (T,) or (B, T); None (the default) for encodings that only rotate q and k."""
+        return None
+
+    def sample_positions(self, seq_len: int, generator: torch.Generator) -> Tensor | None:
+        """Training positions of an encoding without a scale t (t_max None), drawn from the step's
+        generator; None (the default) means plain positions 0..N-1."""
+        return None
 
     @torch.no_grad()
     def frequency_table(self) -> Tensor:

@@ -1,6 +1,7 @@
-"""Training-time scaling factor and position ids (method.md §3.4, §3.5, §8 `position_sampling`).
+"""Training-time scaling factor and position ids (method.md §3.4, §3.5, §8 `position_sampling`),
+and the RandomPos baseline (method.md §2), which draws its positions with the same sampler.
 
-Both draw from an explicit torch.Generator (CPU), so one seeded generator gives the same t and
+All draw from an explicit torch.Generator (CPU), so one seeded generator gives the same t and
 positions on every rank. Positions are returned on the CPU; the caller moves them.
 """
 from __future__ import annotations
@@ -8,7 +9,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .base import PlainRope
+
 POSITION_SAMPLING = ("none", "random", "uniform")
+
+
+def sorted_subset(n: int, k: int, generator: torch.Generator) -> Tensor:
+    """k distinct integers drawn uniformly from {0..n-1}, in increasing order (int64)."""
+    return torch.randperm(n, generator=generator)[:k].sort().values
 
 
 def sample_scale(t_max: int, generator: torch.Generator) -> int:
@@ -41,5 +49,30 @@ def training_positions(kind: str, seq_len: int, t: int, train_len: int, generato
     if kind == "uniform":
         k = torch.arange(seq_len, dtype=torch.float64)
         return (k * last / (seq_len - 1)).float()
-    inner = torch.randperm(seq_len * t - 2, generator=generator)[: seq_len - 2].sort().values
+    inner = sorted_subset(seq_len * t - 2, seq_len - 2, generator)
     return torch.cat((torch.zeros(1), (inner + 1).float() / s, torch.tensor([float(last)])))
+
+
+def random_positions(seq_len: int, max_position: int, generator: torch.Generator) -> Tensor:
+    """RandomPos (Ruoss et al. 2023): a sorted, uniformly random seq_len-subset of {0..M-1}, float32.
+
+    As in their code (`noisy_fixed_positional_encodings`: sorted `choice(arange(M), N, replace=False)`),
+    no position is pinned: p_0 is 0 and p_{N-1} is M-1 only by chance, unlike CLEX's "random" kind.
+    """
+    if not 1 <= seq_len <= max_position:
+        raise ValueError(f"need 1 <= seq_len <= max_position; got seq_len={seq_len}, max_position={max_position}")
+    return sorted_subset(max_position, seq_len, generator).float()
+
+
+class RandomPos(PlainRope):
+    """Plain RoPE trained on random sorted positions from [0, M), M = max_position_factor·L, and
+    evaluated on plain positions 0..n-1 (t_max is None, so t is always 1)."""
+
+    def __init__(self, head_dim: int, base: float, train_len: int, max_position_factor: int = 16):
+        super().__init__(head_dim, base, train_len)
+        if max_position_factor < 1:
+            raise ValueError(f"max_position_factor: {max_position_factor} must be >= 1")
+        self.max_position = max_position_factor * train_len
+
+    def sample_positions(self, seq_len: int, generator: torch.Generator) -> Tensor:
+        return random_positions(seq_len, self.max_position, generator)
