@@ -272,6 +272,7 @@ class Experiment(Strict):
     description: str = ""
     rope: PositionSpec
     position_sampling: Literal["none", "random", "uniform"] = "none"
+    attn_log_scale: bool = Field(False, description="queries times ln(n)/ln(L) for n > L (method.md §3.7)")
 
     @model_validator(mode="after")
     def _sampling_needs_scale(self) -> "Experiment":

@@ -25,17 +25,20 @@ except ImportError:  # pragma: no cover - the CPU default
     flash_attn_func = None
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+              q_scale: float = 1.0) -> torch.Tensor:
     """Causal attention on (B, H, T, D) tensors; flash-attn where it can run, SDPA otherwise.
 
     `mask` (from `causal_mask`) is an additive float mask that already holds causality; it forces SDPA.
+    `q_scale` multiplies the queries (CLEX's attention log scaling), folded into the softmax scale.
     """
+    scale = q_scale / math.sqrt(q.shape[-1])
     if mask is not None:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype), scale=scale)
     if flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
-        out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
+        out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True, softmax_scale=scale)
         return out.transpose(1, 2)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
 
 
 def causal_mask(bias: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -72,13 +75,13 @@ class Attention(nn.Module):
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
+                mask: torch.Tensor | None = None, q_scale: float = 1.0) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         if cos is not None:
             cos, sin = cos.to(q.dtype), sin.to(q.dtype)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        return self.proj(attention(q, k, v, mask).transpose(1, 2).reshape(B, T, C))
+        return self.proj(attention(q, k, v, mask, q_scale).transpose(1, 2).reshape(B, T, C))
 
 
 class SwiGLU(nn.Module):
@@ -98,17 +101,21 @@ class Block(nn.Module):
         self.attn_norm, self.attn = RMSNorm(cfg.d_model), Attention(cfg)
         self.mlp_norm, self.mlp = RMSNorm(cfg.d_model), SwiGLU(cfg)
 
-    def forward(self, x, cos, sin, mask=None):
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask)
+    def forward(self, x, cos, sin, mask=None, q_scale=1.0):
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, q_scale)
         return x + self.mlp(self.mlp_norm(x))
 
 
 class Decoder(nn.Module):
-    """Token embedding (tied with the output head) → blocks → RMSNorm → logits."""
+    """Token embedding (tied with the output head) → blocks → RMSNorm → logits.
 
-    def __init__(self, cfg: ModelConfig, vocab_size: int, rope: PositionEncoding):
+    `attn_log_scale` (method.md §3.7, §8): queries times ln(n)/ln(L) for inputs of n > L tokens
+    (1 otherwise), the official code's "log scaling", here clipped at 1 as method.md §8 defines the knob.
+    """
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int, rope: PositionEncoding, attn_log_scale: bool = False):
         super().__init__()
-        self.cfg, self.vocab_size = cfg, vocab_size
+        self.cfg, self.vocab_size, self.attn_log_scale = cfg, vocab_size, attn_log_scale
         self.embed = nn.Embedding(vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model)
@@ -140,8 +147,9 @@ class Decoder(nn.Module):
         x = self.embed(tokens)
         bias = rope.attention_bias(self.cfg.n_heads, positions, positions)
         mask = None if bias is None else causal_mask(bias, compute_dtype(x))
+        q_scale = max(1.0, math.log(T) / math.log(self.cfg.train_len)) if self.attn_log_scale else 1.0
         for block in self.blocks:
-            x = block(x, cos, sin, mask)
+            x = block(x, cos, sin, mask, q_scale)
         return self.norm(x) @ self.embed.weight.T
 
 

@@ -50,7 +50,7 @@ def vocab_size(study: Study) -> int:
 def build_model(study: Study, experiment: Experiment) -> Decoder:
     m = study.params.model
     rope = build_position_encoding(experiment.rope, head_dim=m.head_dim, base=m.rope_base, train_len=m.train_len)
-    return Decoder(m, vocab_size(study), rope)
+    return Decoder(m, vocab_size(study), rope, attn_log_scale=experiment.attn_log_scale)
 
 
 def load_checkpoint(study: Study, experiment: Experiment, ckpt: Path) -> Decoder:

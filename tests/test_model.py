@@ -31,6 +31,27 @@ def test_attention_matches_explicit_causal_softmax():
     torch.testing.assert_close(attention(q, k, v), scores.softmax(-1) @ v, rtol=1e-5, atol=1e-6)
 
 
+def test_attn_log_scale_equals_scaled_query_projection():
+    """ln(n)/ln(L) on the queries for n > L, nothing at n <= L; reference: q-rows of W_qkv scaled by hand."""
+    def peaky() -> Decoder:  # larger q/k weights than at init, so attention is far from uniform
+        m = tiny_model()
+        with torch.no_grad():
+            for block in m.blocks:
+                block.attn.qkv.weight.mul_(20)
+        return m
+
+    scaled, plain = peaky(), peaky()
+    scaled.attn_log_scale = True
+    short, long = torch.randint(0, 50, (2, CFG.train_len)), torch.randint(0, 50, (2, 4 * CFG.train_len))
+    with torch.no_grad():
+        assert torch.equal(scaled(short), plain(short))
+        s = math.log(4 * CFG.train_len) / math.log(CFG.train_len)
+        for block in plain.blocks:
+            block.attn.qkv.weight[: CFG.d_model] *= s  # rotary is linear, so this scales the rotated queries
+        torch.testing.assert_close(scaled(long), plain(long), rtol=1e-5, atol=1e-5)
+        assert (scaled(long) - peaky()(long)).abs().max() > 1e-2
+
+
 def test_decoder_is_causal_and_shift_invariant_under_rope():
     model = tiny_model()
     x = torch.randint(0, 50, (1, 12))
