@@ -22,9 +22,18 @@ def _validate(study: Study, args) -> None:
     if missing:
         raise ParamsError(f"params.yaml: {', '.join(missing)}: missing; DVC tracks every one of these keys, "
                           "so params.yaml must list them all (copy the defaults from the repo's params.yaml)")
+    import json
+
     out = study.root / "build" / "validated"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("params, experiments and ablations are valid\n")  # constant: downstream caches stay valid
+    resolved = study.root / "build" / "experiments"  # what each fine-tune depends on, `extends` resolved
+    resolved.mkdir(exist_ok=True)
+    for old in resolved.glob("*.json"):
+        if old.stem not in study.experiments:
+            old.unlink()
+    for name, exp in study.experiments.items():
+        (resolved / f"{name}.json").write_text(json.dumps(exp.model_dump(exclude={"description"}), indent=1, sort_keys=True))
     print(f"valid: {len(study.experiments)} experiments, {len(study.ablations)} ablations")
 
 

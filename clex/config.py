@@ -409,6 +409,32 @@ def _read_yaml(path: Path) -> dict:
     return data
 
 
+def _merged(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for k, v in override.items():
+        out[k] = _merged(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+    return out
+
+
+def _experiment_yaml(path: Path, seen: tuple = ()) -> dict:
+    """An experiment's YAML; `extends: <name>` starts from experiments/<name>.yaml and overrides keys
+    (nested mappings merge), so a variant that flips one knob states only that knob."""
+    data = _read_yaml(path)
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    source = f"experiments/{path.name}"
+    parent_path = path.with_name(f"{parent}.yaml")
+    if not isinstance(parent, str) or not parent_path.is_file():
+        allowed = sorted(p.stem for p in path.parent.glob("*.yaml") if p != path)
+        raise ParamsError(f"{source}: extends: got {parent!r}; allowed: one of {allowed}")
+    if parent in seen:
+        raise ParamsError(f"{source}: extends: {parent!r} makes a cycle ({' -> '.join(seen + (parent,))})")
+    base = _experiment_yaml(parent_path, seen + (path.stem,))
+    base.pop("description", None)
+    return _merged(base, data)
+
+
 def _validate(cls, data: dict, source: str):
     try:
         return cls.model_validate(data)
@@ -421,7 +447,7 @@ def load_study(root: Path | str = ".", params_file: str = "params.yaml") -> Stud
     root = Path(root).resolve()
     params = _validate(Params, _read_yaml(root / params_file), params_file)
     experiments = {
-        p.stem: _validate(Experiment, {"name": p.stem, **_read_yaml(p)}, f"experiments/{p.name}")
+        p.stem: _validate(Experiment, {"name": p.stem, **_experiment_yaml(p)}, f"experiments/{p.name}")
         for p in sorted((root / "experiments").glob("*.yaml"))
     }
     for name, exp in experiments.items():

@@ -30,7 +30,7 @@ def stages(study: Study) -> dict:
             "cmd": "clex validate",
             "deps": ["clex/config.py", "experiments", "ablations"],
             "params": ["data", "model", "pretrain", "finetune", "trainer", "eval", "experiments"],
-            "outs": [{"build/validated": {"cache": False}}],
+            "outs": [{"build/validated": {"cache": False}}, {"build/experiments": {"cache": False}}],
         },
         "prepare": {
             "cmd": "clex prepare",
@@ -53,7 +53,7 @@ def stages(study: Study) -> dict:
         "finetune": {
             "matrix": ITEM,
             "cmd": "clex finetune ${item.experiment} --seed ${item.seed}",
-            "deps": ["build/validated", "build/data", "build/base", "experiments/${item.experiment}.yaml"] + TRAIN_CODE,
+            "deps": ["build/validated", "build/data", "build/base", "build/experiments/${item.experiment}.json"] + TRAIN_CODE,
             "params": model + _keys("finetune", FinetuneConfig, exclude=("seeds",)) + trainer,
             "outs": ["build/finetune/${item.experiment}/seed${item.seed}"],
         },

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from clex.config import load_study
+from clex.config import ParamsError, load_study
 from conftest import REPO, make_study, run, tiny_params
 
 
@@ -74,3 +74,31 @@ def test_key_tracked_by_dvc_must_be_spelled_out(tmp_path):
     proc = run(study, "dvc", "repro", "ablations/discrete_vs_continuous", check=False)
     assert proc.returncode != 0 and "model.init_std, trainer.devices: missing" in proc.stderr + proc.stdout
     assert not (study / "build" / "data").exists()
+
+
+def test_dvc_graph_has_every_ablation_stage():
+    listed = run(REPO, "dvc", "stage", "list").stdout
+    names = {line.split()[0] for line in listed.splitlines() if line.strip()}
+    study = load_study(REPO)
+    assert {f"ablations/{a}" for a in study.ablations} <= names
+    assert {"constant_term", "t_scale", "attention_log_scale", "position_sampling", "t_max", "baselines",
+            "discrete_vs_continuous"} <= set(study.ablations)
+    for a in study.ablations:
+        assert (REPO / "ablations" / a / "README.md").is_file(), a
+    assert {f"finetune@{e}-{s}" for e in study.params.experiments for s in study.params.finetune.seeds} <= names
+
+
+def test_experiment_extends_merges_and_rejects_bad_parents(tmp_path):
+    study = make_study(tmp_path / "study")
+    s = load_study(study)
+    no_xi, clex = s.experiments["clex_no_xi"], s.experiments["clex"]
+    assert no_xi.rope.constant_term is False
+    assert no_xi.model_dump(exclude={"name", "description", "rope"}) == clex.model_dump(exclude={"name", "description", "rope"})
+    assert no_xi.rope.model_dump(exclude={"constant_term"}) == clex.rope.model_dump(exclude={"constant_term"})
+    (study / "experiments/bad.yaml").write_text("extends: clexx\n")
+    with pytest.raises(ParamsError, match=r"experiments/bad.yaml: extends: got 'clexx'; allowed: one of \[.*'clex'"):
+        load_study(study)
+    (study / "experiments/bad.yaml").write_text("extends: bad2\n")
+    (study / "experiments/bad2.yaml").write_text("extends: bad\n")
+    with pytest.raises(ParamsError, match="makes a cycle"):
+        load_study(study)

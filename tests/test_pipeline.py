@@ -73,6 +73,16 @@ def test_dvc_repro_ablation_end_to_end(tmp_path):
     assert "didn't change, skipping" in again.stdout or "Data and pipelines are up to date" in again.stdout
     assert len(_runs(study)[2]) == len(runs)
 
+    # another ablation reuses the cached base and clex runs and trains only what it adds
+    other = run(study, "dvc", "repro", "ablations/constant_term")
+    assert "Running stage 'pretrain'" not in other.stdout and "Running stage 'finetune@clex-0'" not in other.stdout
+    table = (study / "reports/constant_term/table.md").read_text()
+    assert "| clex_no_xi |" in table and "5.88 / " in table
+    added = {}
+    for r in _runs(study)[2][: len(_runs(study)[2]) - len(runs)]:
+        added[r.data.tags["role"]] = added.get(r.data.tags["role"], 0) + 1
+    assert added == {"finetune": 2, "evaluate": 2, "report": 1}
+
 
 def test_finetune_ddp_two_cpu_processes_logs_one_run(trained_study):
     params = tiny_params()
