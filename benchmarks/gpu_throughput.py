@@ -18,9 +18,9 @@ import torch.nn.functional as F
 
 from clex import model as model_module
 from clex.config import ClexSpec, ModelConfig, RopeSpec
-from clex.lit import step_generator
+from clex.lit import scale_and_positions
 from clex.model import Decoder, parameter_count
-from clex.rope import build_position_encoding, sample_scale, training_positions
+from clex.rope import build_position_encoding
 
 CFG = ModelConfig(d_model=768, n_layers=12, n_heads=12, d_ff=2048, train_len=4096)  # ~110M with a 32k vocab
 VOCAB = 32000
@@ -39,11 +39,8 @@ def train_tokens_per_s(model: Decoder, batch: int, steps: int, sampling: str) ->
     for step in range(steps + 3):
         torch.cuda.synchronize()
         start = time.perf_counter()
-        t, positions = 1, None
-        if model.rope.t_max is not None:
-            gen = step_generator(0, step)
-            t = sample_scale(model.rope.t_max, gen)
-            positions = training_positions(sampling, CFG.train_len, t, CFG.train_len, gen).cuda()
+        t, positions = scale_and_positions(model.rope, sampling, CFG.train_len, 0, step)
+        positions = None if positions is None else positions.cuda()
         with torch.autocast("cuda", dtype=torch.bfloat16):
             logits = model(x[:, :-1], positions=positions, t=t)
         loss = F.cross_entropy(logits.float().reshape(-1, VOCAB), x[:, 1:].reshape(-1))

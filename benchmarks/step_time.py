@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 
 from clex.config import load_study
-from clex.lit import step_generator
+from clex.lit import scale_and_positions
 from clex.model import Decoder
-from clex.rope import build_position_encoding, sample_scale, training_positions
+from clex.rope import build_position_encoding
 
 
 class Stepper:
@@ -30,19 +30,14 @@ class Stepper:
         m, ft = study.params.model, study.params.finetune
         torch.manual_seed(0)
         self.rope = build_position_encoding(experiment.rope, head_dim=m.head_dim, base=m.rope_base, train_len=m.train_len)
-        self.model, self.vocab, self.train_len = Decoder(m, vocab, self.rope), vocab, m.train_len
+        self.model, self.vocab = Decoder(m, vocab, self.rope), vocab
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
         self.seq_len, self.sampling, self.n = ft.seq_len_factor * m.train_len, experiment.position_sampling, 0
         self.batch = torch.randint(0, vocab, (ft.batch_size, self.seq_len + 1), generator=torch.Generator().manual_seed(0))
 
     def step(self) -> float:
         start = time.perf_counter()
-        gen, t = step_generator(0, self.n), 1
-        if self.rope.t_max is not None:  # as in training: t ~ U{1..t_max}, positions for that t
-            t = sample_scale(self.rope.t_max, gen)
-            positions = training_positions(self.sampling, self.seq_len, t, self.train_len, gen)
-        else:  # RandomPos draws its own positions; None (0..N-1) for the others
-            positions = self.rope.sample_positions(self.seq_len, gen)
+        t, positions = scale_and_positions(self.rope, self.sampling, self.seq_len, 0, self.n)  # as in training
         logits = self.model(self.batch[:, :-1], positions=positions, t=t)
         loss = F.cross_entropy(logits.reshape(-1, self.vocab), self.batch[:, 1:].reshape(-1))
         self.opt.zero_grad()

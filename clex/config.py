@@ -409,10 +409,12 @@ def _read_yaml(path: Path) -> dict:
     return data
 
 
-def _merged(base: dict, override: dict) -> dict:
+def merged(base: dict, override: dict) -> dict:
+    """base with override's keys replaced, recursively into nested mappings (experiment `extends`,
+    and the tests' tiny profile over params.yaml)."""
     out = dict(base)
     for k, v in override.items():
-        out[k] = _merged(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+        out[k] = merged(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
     return out
 
 
@@ -432,7 +434,7 @@ def _experiment_yaml(path: Path, seen: tuple = ()) -> dict:
         raise ParamsError(f"{source}: extends: {parent!r} makes a cycle ({' -> '.join(seen + (parent,))})")
     base = _experiment_yaml(parent_path, seen + (path.stem,))
     base.pop("description", None)
-    return _merged(base, data)
+    return merged(base, data)
 
 
 def _validate(cls, data: dict, source: str):

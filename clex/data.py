@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from clex.config import DataConfig
+from clex.tracking import file_sha256
 
 EOS = "<|endoftext|>"
 SPLITS = ("train", "val", "test")
@@ -121,14 +122,6 @@ def _encode(tok, texts: list[str]) -> list[np.ndarray]:
     return [np.asarray(e.ids, dtype=np.uint16) for e in tok.encode_batch(texts)]
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 # ------------------------------------------------------------------------------------ the stage
 def prepare(cfg: DataConfig, out_dir: Path, *, test_len: int) -> dict:
     """Write train.bin, val.bin (uint16 token streams, documents joined by EOS), test.npz (test documents
@@ -163,7 +156,7 @@ def prepare(cfg: DataConfig, out_dir: Path, *, test_len: int) -> dict:
         counts.update(test_documents=len(test_parts), test_documents_used=len(long), test_len=test_len)
         tok.save(str(tmp / "tokenizer.json"))
 
-        files = {f: _sha256(tmp / f) for f in ("train.bin", "val.bin", "test.npz", "tokenizer.json")}
+        files = {f: file_sha256(tmp / f) for f in ("train.bin", "val.bin", "test.npz", "tokenizer.json")}
         corpus = hashlib.sha256()
         for i in sorted(range(len(ids)), key=lambda i: ids[i]):
             corpus.update(f"{ids[i]}\0{hashlib.sha256(texts[i].encode()).hexdigest()}\n".encode())

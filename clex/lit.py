@@ -33,6 +33,19 @@ def lr_lambda(optim: OptimConfig):
     return f
 
 
+def scale_and_positions(rope, position_sampling: str, seq_len: int, seed: int, step: int):
+    """(t, CPU positions or None) for one training step, from the (seed, step) generator.
+
+    Encodings with a scale draw t ~ U{1..t_max} and the positions of `position_sampling`; the others
+    get t = 1 and whatever their `sample_positions` draws (None, i.e. 0..N-1, for most).
+    """
+    gen = step_generator(seed, step)
+    if rope.t_max is None:
+        return 1, rope.sample_positions(seq_len, gen)
+    t = sample_scale(rope.t_max, gen)
+    return t, training_positions(position_sampling, seq_len, t, rope.train_len, gen)
+
+
 class LitDecoder(L.LightningModule):
     """Trains a Decoder; `position_sampling` decides the training positions for the sampled t."""
 
@@ -42,15 +55,9 @@ class LitDecoder(L.LightningModule):
         self.tokens_seen = 0
 
     def scale_and_positions(self, seq_len: int) -> tuple[int, torch.Tensor | None]:
-        """(t, positions) for this step. Encodings without a scale get t = 1 and the positions their
-        `sample_positions` draws from the same per-step generator (None, i.e. 0..N-1, for most)."""
-        rope, gen = self.model.rope, step_generator(self.seed, self.global_step)
-        if rope.t_max is None:
-            positions = rope.sample_positions(seq_len, gen)
-            return 1, None if positions is None else positions.to(self.device)
-        t = sample_scale(rope.t_max, gen)
-        positions = training_positions(self.position_sampling, seq_len, t, self.model.cfg.train_len, gen)
-        return t, positions.to(self.device)
+        """(t, positions on this device) for this step; see the module-level `scale_and_positions`."""
+        t, positions = scale_and_positions(self.model.rope, self.position_sampling, seq_len, self.seed, self.global_step)
+        return t, None if positions is None else positions.to(self.device)
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         x, y = batch[:, :-1], batch[:, 1:]

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from clex.config import merged
+
 REPO = Path(__file__).resolve().parents[1]
 TINY = Path(__file__).with_name("tiny_params.yaml")
 STUDY_FILES = ["clex", "experiments", "ablations", "dvc.yaml", ".dvc/config", ".dvcignore", "pyproject.toml"]
@@ -28,14 +30,6 @@ def make_study(dest: Path, params: dict | None = None) -> Path:
     (dest / "params.yaml").write_text(yaml.safe_dump(params or tiny_params()))
     subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
     return dest
-
-
-def merged(base: dict, override: dict) -> dict:
-    """base with override's keys replaced, recursively into nested mappings."""
-    out = dict(base)
-    for k, v in override.items():
-        out[k] = merged(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
-    return out
 
 
 def tiny_params() -> dict:
