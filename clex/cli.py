@@ -22,6 +22,11 @@ def _validate(study: Study, args) -> None:
     if missing:
         raise ParamsError(f"params.yaml: {', '.join(missing)}: missing; DVC tracks every one of these keys, "
                           "so params.yaml must list them all (copy the defaults from the repo's params.yaml)")
+    from clex.pipeline import write
+
+    if not write(study, check=True):
+        raise ParamsError("dvc.yaml: out of date with params.yaml, experiments/ or ablations/ (it lists every "
+                          "experiment × seed); allowed: the file `clex pipeline` writes, so run `clex pipeline` first")
     import json
 
     out = study.root / "build" / "validated"
@@ -60,6 +65,9 @@ def _finetune(study: Study, args) -> None:
     from clex.train import train
 
     exp, seed = study.experiment(args.experiment), _seed(study, args.seed)
+    if exp.reuse is not None:
+        raise ParamsError(f"experiment: {exp.name!r} reuses {exp.reuse!r}'s checkpoints and is never fine-tuned; "
+                          f"allowed: {study.trained()}")
     print(f"fine-tuned model written to {train(study, exp, seed)}")
 
 

@@ -130,6 +130,31 @@ class TrainerConfig(Strict):
 PROTOCOLS = ("nonoverlapping", "sliding")
 
 
+class PasskeyConfig(Strict):
+    """Passkey retrieval (method.md §8 / issue 3): a random key hidden in test-corpus filler, scored by
+    teacher-forced digit accuracy; `train_fraction` of every fine-tune's sequences are passkey examples
+    at training length, the same for every experiment, so that a small model learns the format."""
+
+    train_fraction: float = Field(0.1, ge=0, lt=1, description="share of fine-tuning sequences")
+    digits: int = Field(5, ge=1, le=16)
+    depths: list[float] = Field([0.0, 0.25, 0.5, 0.75, 1.0], min_length=1, description="needle depth in the filler")
+    samples: int = Field(4, ge=1, description="examples per length and depth (the same for every model)")
+    seed: int = 0
+    needle: str = Field("\n# The pass key is {KEY}. Remember it. {KEY} is the pass key.\n",
+                        description="hidden in the filler; {KEY} marks each occurrence of the key")
+    question: str = Field("\n# What is the pass key? The pass key is {KEY}", description="ends the example with the key")
+
+    @model_validator(mode="after")
+    def _depths(self) -> "PasskeyConfig":
+        if any(not 0 <= d <= 1 for d in self.depths) or sorted(set(self.depths)) != self.depths:
+            raise ValueError(f"passkey.depths: {self.depths}; allowed: distinct increasing fractions in [0, 1]")
+        if "{KEY}" not in self.needle:
+            raise ValueError(f"passkey.needle: {self.needle!r} has no {{KEY}}; allowed: text with {{KEY}} at least once")
+        if not self.question.endswith("{KEY}") or self.question.count("{KEY}") != 1:
+            raise ValueError(f"passkey.question: {self.question!r}; allowed: text that ends with {{KEY}}, once")
+        return self
+
+
 class EvalConfig(Strict):
     """Perplexity by length; every length is scored on the same tokens (the first max(lengths) of each doc)."""
 
@@ -265,14 +290,33 @@ PositionSpec = Annotated[
 ]
 
 
+class StreamingSpec(Strict):
+    """StreamingLLM-style evaluation (method.md §8): each query sees the first `sinks` tokens and the
+    `window` most recent ones, positions assigned inside that cache. The sizes are ratios of L, scaled
+    from the review thread's window 4000 and 64 sinks at LLaMA-2's L = 4096."""
+
+    window_ratio: float = Field(4000 / 4096, gt=0, le=1, description="window = round(ratio·L) tokens")
+    sink_ratio: float = Field(64 / 4096, ge=0, lt=1, description="sinks = max(1, round(ratio·L)) tokens")
+
+    def sizes(self, train_len: int) -> tuple[int, int]:
+        """(window, sinks) in tokens for training length L."""
+        return max(1, round(self.window_ratio * train_len)), max(1, round(self.sink_ratio * train_len))
+
+
+INFERENCE_ONLY_ROPES = ("rope", "dynamic_ntk")  # encodings without weights or training-time behaviour
+
+
 class Experiment(Strict):
-    """A named variant (experiments/<name>.yaml) fine-tuned from the shared base model."""
+    """A named variant (experiments/<name>.yaml) fine-tuned from the shared base model, or, with
+    `reuse`, an inference-time method evaluated on another experiment's fine-tuned checkpoints."""
 
     name: str
     description: str = ""
     rope: PositionSpec
     position_sampling: Literal["none", "random", "uniform"] = "none"
     attn_log_scale: bool = Field(False, description="queries times ln(n)/ln(L) for n > L (method.md §3.7)")
+    reuse: str | None = Field(None, description="evaluate this experiment's checkpoints (same seed); no fine-tuning")
+    streaming: StreamingSpec | None = Field(None, description="evaluate with a StreamingLLM window + sinks")
 
     @model_validator(mode="after")
     def _sampling_needs_scale(self) -> "Experiment":
@@ -281,6 +325,16 @@ class Experiment(Strict):
                 f"position_sampling: {self.position_sampling!r} needs a scaling factor t; "
                 f"allowed with rope.type {self.rope.type!r}: 'none' (use rope.type 'clex' for random/uniform)"
             )
+        if self.reuse is not None:
+            if self.rope.type not in INFERENCE_ONLY_ROPES:
+                raise ValueError(f"rope.type: {self.rope.type!r} has weights or changes training, so it cannot "
+                                 f"reuse another experiment's checkpoint; allowed with reuse: {list(INFERENCE_ONLY_ROPES)}")
+            if self.position_sampling != "none":
+                raise ValueError(f"position_sampling: {self.position_sampling!r} is a training knob; "
+                                 "allowed with reuse: 'none'")
+        if self.streaming is not None and self.rope.type in ("alibi", "sandwich"):
+            raise ValueError(f"streaming: needs a rotary encoding, not rope.type {self.rope.type!r}; "
+                             "allowed: any rope.type except 'alibi' and 'sandwich'")
         return self
 
     @property
@@ -325,6 +379,7 @@ class Params(Strict):
     finetune: FinetuneConfig
     trainer: TrainerConfig = TrainerConfig()
     eval: EvalConfig = EvalConfig()
+    passkey: PasskeyConfig = PasskeyConfig()
     experiments: list[str] = Field(min_length=1, description="experiments the pipeline trains")
 
     @model_validator(mode="after")
@@ -364,6 +419,14 @@ class Study(BaseModel):
                 f"experiment: {name!r} is unknown; allowed: {sorted(self.experiments)} (files in experiments/)"
             )
         return self.experiments[name]
+
+    def checkpoint_of(self, name: str) -> str:
+        """The experiment whose fine-tuned weights `name` evaluates (itself unless it reuses another's)."""
+        return self.experiment(name).reuse or name
+
+    def trained(self) -> list[str]:
+        """The experiments the pipeline fine-tunes (those that reuse nothing)."""
+        return [e for e in self.params.experiments if self.experiments[e].reuse is None]
 
     def ablation(self, name: str) -> Ablation:
         if name not in self.ablations:
@@ -464,6 +527,18 @@ def load_study(root: Path | str = ".", params_file: str = "params.yaml") -> Stud
             raise ParamsError(
                 f"{params_file}: experiments[{i}]: {name!r} is unknown; allowed: {sorted(experiments)} "
                 f"(one experiments/<name>.yaml each)"
+            )
+    for name in params.experiments:
+        source = experiments[name].reuse
+        if source is not None and (source not in params.experiments or experiments[source].reuse is not None):
+            raise ParamsError(
+                f"experiments/{name}.yaml: reuse: {source!r} is not a fine-tuned experiment of the pipeline; "
+                f"allowed: {[e for e in params.experiments if experiments[e].reuse is None]}"
+            )
+        if source is not None and experiments[source].rope.type != "rope":
+            raise ParamsError(
+                f"experiments/{name}.yaml: reuse: {source!r} was fine-tuned with rope.type "
+                f"{experiments[source].rope.type!r}; allowed: an experiment with plain rope.type 'rope'"
             )
     ablations = {}
     for p in sorted((root / "ablations").glob("*/ablation.yaml")):

@@ -225,11 +225,13 @@ class FixedWindows(TokenWindows):
 
 
 class TokenDataModule(L.LightningDataModule):
-    """Training windows (random, seeded) and validation windows (fixed) from the prepared token streams."""
+    """Training windows (random, seeded; optionally mixed with passkey examples) and validation windows
+    (fixed, never mixed) from the prepared token streams."""
 
     def __init__(self, data_dir: Path, seq_len: int, batch_size: int, train_samples: int, val_windows: int,
-                 seed: int, num_workers: int = 0):
+                 seed: int, num_workers: int = 0, passkey: tuple | None = None):
         super().__init__()
+        self.passkey = passkey  # (PasskeyFormat, fraction): that share of training windows become passkey examples
         self.data_dir, self.seq_len, self.batch_size = Path(data_dir), seq_len, batch_size
         self.train_samples, self.val_windows, self.seed, self.num_workers = train_samples, val_windows, seed, num_workers
 
@@ -238,7 +240,12 @@ class TokenDataModule(L.LightningDataModule):
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(TokenWindows(load_tokens(self.data_dir, "train"), self.seq_len, self.train_samples, self.seed))
+        windows = TokenWindows(load_tokens(self.data_dir, "train"), self.seq_len, self.train_samples, self.seed)
+        if self.passkey is not None:
+            from clex.passkey import PasskeyMix
+
+            windows = PasskeyMix(windows, *self.passkey, seed=self.seed)
+        return self._loader(windows)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(FixedWindows(load_tokens(self.data_dir, "val"), self.seq_len, self.val_windows))

@@ -2,7 +2,11 @@
 
 Every length is scored on the same test documents, each cut to the longest eval length, so a change
 of PPL with length is a change of context, not of text. The model picks t from the window length
-(t = ceil(n / L), capped at t_max: method.md §3.6).
+(t = ceil(n / L), capped at t_max: method.md §3.6). An experiment with `reuse:` (Dynamic NTK, the
+StreamingLLM window) is evaluated on the reused experiment's checkpoint of the same seed.
+
+Passkey retrieval (clex/passkey.py) runs at every eval length on the same examples for every model:
+teacher-forced digit accuracy and exact-match share, overall and per needle depth.
 
 Protocols (recorded as the `eval_protocol` tag and printed in every report):
 - nonoverlapping: each document is cut into consecutive windows of n tokens; every prediction inside a
@@ -22,7 +26,8 @@ import torch.nn.functional as F
 from clex import tracking
 from clex.config import EvalConfig, Study
 from clex.data import data_hash, load_test_docs
-from clex.train import PLAIN, base_dir, data_dir, finetune_dir, load_checkpoint
+from clex.passkey import eval_set, passkey_accuracy
+from clex.train import PLAIN, base_dir, data_dir, finetune_dir, load_checkpoint, passkey_format
 
 
 def windows(total: int, length: int, protocol: str, stride: int | None) -> list[tuple[int, int]]:
@@ -62,13 +67,17 @@ def evaluate(study: Study, experiment: str, seed: int | None = None) -> Path:
     if experiment == "base":
         exp, src, seed, stage = PLAIN, base_dir(study), p.pretrain.seed, "evaluate_base"
     else:
-        exp, src, stage = study.experiment(experiment), finetune_dir(study, experiment, seed), \
+        exp, src, stage = study.experiment(experiment), finetune_dir(study, study.checkpoint_of(experiment), seed), \
             tracking.stage_name("evaluate", experiment, seed)
+    fmt = passkey_format(study, min(p.eval.lengths), "the shortest of eval.lengths")
     trained = json.loads((src / "run.json").read_text())
     model = load_checkpoint(study, exp, src / "model.pt")
-    docs, _ = load_test_docs(data_dir(study))
-    docs = torch.from_numpy(docs[:, : p.max_eval_len].astype("int64"))
+    test_docs, _ = load_test_docs(data_dir(study))
+    docs = torch.from_numpy(test_docs[:, : p.max_eval_len].astype("int64"))
     results = {n: perplexity(model, docs, n, p.eval) for n in p.eval.lengths}
+    passkey = {n: passkey_accuracy(model, *eval_set(fmt, test_docs, n, p.passkey.depths, p.passkey.samples,
+                                                    p.passkey.seed), p.passkey.depths, p.eval.batch_size)
+               for n in p.eval.lengths}
 
     root = study.root
     tracking.close_stale_runs(root, stage)
@@ -77,8 +86,10 @@ def evaluate(study: Study, experiment: str, seed: int | None = None) -> Path:
         "experiment": exp.name, "seed": seed, "protocol": p.eval.protocol, "stride": p.eval.stride,
         "n_docs": int(docs.shape[0]), "train_run_id": trained["run_id"],
         "checkpoint_sha256": trained["checkpoint_sha256"], "data_hash": data_hash(data_dir(study)),
+        "reused_checkpoint_of": exp.reuse,
         "ppl": {str(n): r["ppl"] for n, r in results.items()},
         "detail": {str(n): r for n, r in results.items()},
+        "passkey": {str(n): r for n, r in passkey.items()},
     }
     import mlflow
 
@@ -87,18 +98,26 @@ def evaluate(study: Study, experiment: str, seed: int | None = None) -> Path:
         tags={"role": "evaluate", "experiment": exp.name, "seed": str(seed), "dvc_stage": stage,
               "ablations": tracking.ablations_of(study, exp.name), "git_commit": tracking.git_commit(root),
               "data_hash": record["data_hash"], "checkpoint_sha256": record["checkpoint_sha256"],
-              "eval_protocol": p.eval.protocol, "mlflow.parentRunId": trained["run_id"]},
+              "eval_protocol": p.eval.protocol, "mlflow.parentRunId": trained["run_id"],
+              "checkpoint_of": exp.reuse or exp.name},
     ) as run:
         mlflow.log_params({**tracking.flatten(p.model_dump()), **tracking.flatten(p.eval.model_dump(), "eval."),
+                           **tracking.flatten(p.passkey.model_dump(), "passkey."),
                            **tracking.flatten(exp.model_dump(), "exp."), "seed": seed})
         for n, r in results.items():
             mlflow.log_metric("ppl", r["ppl"], step=n)  # step = length: the compare view draws PPL-vs-length
             mlflow.log_metric(f"ppl_{n}", r["ppl"])
+        for n, r in passkey.items():  # passkey retrieval, logged like PPL (step = length)
+            mlflow.log_metric("passkey_acc", r["digit_acc"], step=n)
+            mlflow.log_metric("passkey_exact", r["exact"], step=n)
+            for depth, d in r["by_depth"].items():
+                mlflow.log_metric(f"passkey_acc_{n}_depth{depth}", d["digit_acc"])
         record["run_id"] = run.info.run_id
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_suffix(".tmp")
         tmp.write_text(json.dumps(record, indent=2))
         mlflow.log_artifact(str(tmp), artifact_path="eval")
-        mlflow.log_artifact(str(src / "frequencies.json"))
+        if exp.reuse is None:  # a reused checkpoint's table is the other experiment's, logged by its own run
+            mlflow.log_artifact(str(src / "frequencies.json"))
         tmp.rename(out)
     return out

@@ -7,6 +7,9 @@ chooses (t, positions) (method.md §3.4-3.5); at inference the encoding picks t 
 Attention without a bias goes through `flash_attn` when it is installed and the tensors are on CUDA in half
 precision, else through `torch.nn.functional.scaled_dot_product_attention` (which itself uses a flash kernel
 on CUDA); with a bias, through SDPA with the bias and the causal mask as one additive float mask.
+`Decoder(streaming=(window, sinks))` is a StreamingLLM-style evaluation mode (`clex.streaming`): each query
+sees the `sinks` first tokens plus the `window` most recent ones, with rotary positions inside that cache,
+so t is chosen for the cache length; rotary encodings only.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ from torch import nn
 
 from clex.config import ModelConfig
 from clex.rope import PositionEncoding, apply_rotary
+from clex.streaming import check_streaming, streaming_attention
 
 try:  # optional GPU extra
     from flash_attn import flash_attn_func
@@ -75,9 +79,15 @@ class Attention(nn.Module):
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None,
-                mask: torch.Tensor | None = None, q_scale: float = 1.0) -> torch.Tensor:
+                mask: torch.Tensor | None = None, q_scale: float = 1.0,
+                streaming: tuple[int, int] | None = None) -> torch.Tensor:
+        """`streaming` (window, sinks): `streaming_attention` on the raw q/k and the tables (cos required)."""
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        if streaming is not None:
+            window, sinks = streaming
+            out = streaming_attention(q, k, v, cos, sin, window, sinks, scale=q_scale / math.sqrt(self.head_dim))
+            return self.proj(out.transpose(1, 2).reshape(B, T, C))
         if cos is not None:
             cos, sin = cos.to(q.dtype), sin.to(q.dtype)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
@@ -101,8 +111,8 @@ class Block(nn.Module):
         self.attn_norm, self.attn = RMSNorm(cfg.d_model), Attention(cfg)
         self.mlp_norm, self.mlp = RMSNorm(cfg.d_model), SwiGLU(cfg)
 
-    def forward(self, x, cos, sin, mask=None, q_scale=1.0):
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask, q_scale)
+    def forward(self, x, cos, sin, mask=None, q_scale=1.0, streaming=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, q_scale, streaming)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -111,11 +121,17 @@ class Decoder(nn.Module):
 
     `attn_log_scale` (method.md §3.7, §8): queries times ln(n)/ln(L) for inputs of n > L tokens
     (1 otherwise), the official code's "log scaling", here clipped at 1 as method.md §8 defines the knob.
+    `streaming` (window, sinks): StreamingLLM-style evaluation (`clex.streaming`), rotary encodings only;
+    t defaults to the inference rule at the cache length min(T, window + sinks), and inputs of at most
+    window + sinks tokens take the ordinary path (identical there). q_scale is computed from T as usual.
     """
 
-    def __init__(self, cfg: ModelConfig, vocab_size: int, rope: PositionEncoding, attn_log_scale: bool = False):
+    def __init__(self, cfg: ModelConfig, vocab_size: int, rope: PositionEncoding, attn_log_scale: bool = False,
+                 streaming: tuple[int, int] | None = None):
         super().__init__()
-        self.cfg, self.vocab_size, self.attn_log_scale = cfg, vocab_size, attn_log_scale
+        if streaming is not None:
+            check_streaming(*streaming)
+        self.cfg, self.vocab_size, self.attn_log_scale, self.streaming = cfg, vocab_size, attn_log_scale, streaming
         self.embed = nn.Embedding(vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model)
@@ -137,19 +153,27 @@ class Decoder(nn.Module):
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, t: int | None = None):
         """Logits for (B, T) tokens. positions/t default to 0..T-1 and the inference rule for t."""
-        T = tokens.shape[1]
+        T, rope, streaming = tokens.shape[1], self.rope, self.streaming
+        if streaming is not None:
+            if not rope.rotary:
+                raise ValueError(f"streaming evaluation needs a rotary position encoding; {type(rope).__name__} "
+                                 "is not rotary (ALiBi/Sandwich are not supported)")
+            window, sinks = streaming
+            if t is None:
+                t = rope.inference_t(min(T, window + sinks))  # cache positions never exceed window + sinks - 1
+            if T <= window + sinks:
+                streaming = None  # the cache never drops a token: ordinary causal attention
         if positions is None:
             positions = torch.arange(T, device=tokens.device, dtype=torch.float32)
         if t is None:
-            t = self.rope.inference_t(T)
-        rope = self.rope
+            t = rope.inference_t(T)
         cos, sin = rope(positions, t) if rope.rotary else (None, None)
         x = self.embed(tokens)
         bias = rope.attention_bias(self.cfg.n_heads, positions, positions)
         mask = None if bias is None else causal_mask(bias, compute_dtype(x))
         q_scale = max(1.0, math.log(T) / math.log(self.cfg.train_len)) if self.attn_log_scale else 1.0
         for block in self.blocks:
-            x = block(x, cos, sin, mask, q_scale)
+            x = block(x, cos, sin, mask, q_scale, streaming)
         return self.norm(x) @ self.embed.weight.T
 
 

@@ -2,7 +2,8 @@
 
 Every number is read back from the MLflow run named in the eval JSON (not from the JSON itself), so a
 table cell is exactly what the tracked run recorded. Outputs, in reports/<ablation>/:
-table.md (the report), ppl_vs_length.png (seaborn), metrics.json (DVC metrics), ppl_by_length.csv (DVC plots).
+table.md (the report: PPL, passkey accuracy overall and by depth, paired differences, the paper's numbers),
+ppl_vs_length.png (seaborn), metrics.json (DVC metrics), ppl_by_length.csv (DVC plots).
 """
 from __future__ import annotations
 
@@ -36,17 +37,23 @@ def bootstrap_ci(diffs: list[float], level: float = 0.95, seed: int = 0) -> tupl
     return float(np.quantile(means, 0.5 - level / 2)), float(np.quantile(means, 0.5 + level / 2))
 
 
-def tracked_ppl(study: Study, experiment: str, seed: int | None) -> tuple[str, dict[int, float], str]:
-    """(run id, {length: ppl}, protocol) from the MLflow run behind one eval output."""
+def tracked(study: Study, experiment: str, seed: int | None) -> tuple[str, dict, str]:
+    """(run id, {metric: {length: value}}, protocol) from the MLflow run behind one eval output: the
+    length histories of `ppl`, `passkey_acc` and `passkey_exact`, and passkey accuracy per depth."""
     record = json.loads(eval_path(study, experiment, seed).read_text())
     c = tracking.client(study.root)
-    history = c.get_metric_history(record["run_id"], "ppl")
     run = c.get_run(record["run_id"])
-    return record["run_id"], {int(m.step): m.value for m in history}, run.data.tags["eval_protocol"]
+    values = {k: {int(m.step): m.value for m in c.get_metric_history(record["run_id"], k)}
+              for k in ("ppl", "passkey_acc", "passkey_exact")}
+    for key, v in run.data.metrics.items():  # passkey_acc_<length>_depth<depth>
+        if key.startswith("passkey_acc_"):
+            n, depth = key.removeprefix("passkey_acc_").split("_depth")
+            values.setdefault(f"depth{float(depth)}", {})[int(n)] = v
+    return record["run_id"], values, run.data.tags["eval_protocol"]
 
 
-def _fmt(mean: float, half: float) -> str:
-    return f"{mean:.2f}" if np.isnan(half) else f"{mean:.2f} ± {half:.2f}"
+def _fmt(mean: float, half: float, digits: int = 2) -> str:
+    return f"{mean:.{digits}f}" if np.isnan(half) else f"{mean:.{digits}f} ± {half:.{digits}f}"
 
 
 def build_report(study: Study, ablation_name: str) -> Path:
@@ -56,16 +63,24 @@ def build_report(study: Study, ablation_name: str) -> Path:
     ab = study.ablation(ablation_name)
     p = study.params
     L, lengths, seeds = p.model.train_len, p.eval.lengths, p.finetune.seeds
+    depths = [f"depth{d}" for d in p.passkey.depths]
     rows, runs, protocols = [], {}, set()
     for exp in ["base"] + ab.experiments:
         for seed in [p.pretrain.seed] if exp == "base" else seeds:
-            run_id, ppl, protocol = tracked_ppl(study, exp, seed)
+            run_id, values, protocol = tracked(study, exp, seed)
             runs[f"{exp}/seed{seed}"] = run_id
             protocols.add(protocol)
-            rows += [{"experiment": exp, "seed": seed, "length": n, "ppl": ppl[n]} for n in lengths]
+            rows += [{"experiment": exp, "seed": seed, "length": n,
+                      **{k: values[k][n] for k in ["ppl", "passkey_acc", "passkey_exact"] + depths}} for n in lengths]
     df = pd.DataFrame(rows)
     names = ["base"] + ab.experiments
-    summary = {e: {n: mean_ci(df[(df.experiment == e) & (df.length == n)].ppl.tolist()) for n in lengths} for e in names}
+    ref = ab.reference or ab.experiments[0]
+
+    def summarise(col: str) -> dict:
+        return {e: {n: mean_ci(df[(df.experiment == e) & (df.length == n)][col].tolist()) for n in lengths}
+                for e in names}
+
+    summary, passkey = summarise("ppl"), summarise("passkey_acc")
 
     out = study.root / "reports" / ablation_name
     tmp = out / ".partial"  # files move into place only once all of them exist (DVC keeps a .gitignore in out)
@@ -81,13 +96,31 @@ def build_report(study: Study, ablation_name: str) -> Path:
     for e in names:
         label = "base (plain RoPE, no fine-tune)" if e == "base" else e
         md.append(f"| {label} | " + " | ".join(_fmt(*summary[e][n]) for n in lengths) + " |")
-    md += _paired_section(df, ab, lengths, seeds, L)
+    md += _paired_section(df, ab, lengths, seeds, L, "ppl", f"PPL(x) − PPL({ref})", "{:+.2f}")
     md += _paper_section(ab, summary, L)
+    md += ["", "## Passkey retrieval: teacher-forced digit accuracy (mean ± 95 % t-CI over seeds)", "",
+           f"{p.passkey.samples} examples per length and depth at depths {p.passkey.depths}, the same for every "
+           f"model; {p.passkey.digits} digits, chance ≈ 0.1. {p.passkey.train_fraction:.0%} of every fine-tune's "
+           "sequences were passkey examples at training length (the base model saw none).", "",
+           "| experiment | " + " | ".join(f"{n // L}×L" for n in lengths) + " |", "|---|" + "---|" * len(lengths)]
+    md += [f"| {e} | " + " | ".join(_fmt(*passkey[e][n], digits=3) for n in lengths) + " |" for e in names]
+    exact = summarise("passkey_exact")
+    md += ["", "Share of keys with every digit right (mean over seeds):", "",
+           "| experiment | " + " | ".join(f"{n // L}×L" for n in lengths) + " |", "|---|" + "---|" * len(lengths)]
+    md += [f"| {e} | " + " | ".join(f"{exact[e][n][0]:.3f}" for n in lengths) + " |" for e in names]
+    md += ["", "Digit accuracy by needle depth (0 = start of the filler, 1 = just before the question; mean over seeds):",
+           "", "| experiment | depth | " + " | ".join(f"{n // L}×L" for n in lengths) + " |",
+           "|---|---|" + "---|" * len(lengths)]
+    means = df.groupby(["experiment", "length"])[depths].mean()
+    md += [f"| {e} | {d.removeprefix('depth')} | " + " | ".join(f"{means.loc[(e, n), d]:.3f}" for n in lengths) + " |"
+           for e in names for d in depths]
+    md += _paired_section(df, ab, lengths, seeds, L, "passkey_acc", f"accuracy(x) − accuracy({ref})", "{:+.3f}")
     md += ["", "## Runs behind these numbers (MLflow run ids)", ""]
     md += [f"- {k}: `{v}`" for k, v in runs.items()]
     (tmp / "table.md").write_text("\n".join(md) + "\n")
     df.to_csv(tmp / "ppl_by_length.csv", index=False)
-    metrics = {e: {str(n): round(summary[e][n][0], 4) for n in lengths} for e in names}
+    metrics = {e: {"ppl": {str(n): round(summary[e][n][0], 4) for n in lengths},
+                   "passkey_acc": {str(n): round(passkey[e][n][0], 4) for n in lengths}} for e in names}
     (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
     _plot(df, tmp / "ppl_vs_length.png", ab.name, L)
     _record(study, ab.name, tmp, runs, protocols)
@@ -97,22 +130,23 @@ def build_report(study: Study, ablation_name: str) -> Path:
     return out
 
 
-def _paired_section(df, ab, lengths, seeds, L) -> list[str]:
+def _paired_section(df, ab, lengths, seeds, L, col: str, what: str, fmt: str) -> list[str]:
+    """Per-seed paired differences of `col` against the ablation's reference, with bootstrap CIs."""
     ref = ab.reference or ab.experiments[0]
     others = [e for e in ab.experiments if e != ref]
     if not others:
         return []
-    md = ["", f"## Paired difference against `{ref}` (PPL(x) − PPL({ref}), same seed; mean [95 % bootstrap CI])", "",
+    md = ["", f"### Paired difference against `{ref}` ({what}, same seed; mean [95 % bootstrap CI])", "",
           "A CI that excludes 0 means the difference holds across seeds. With 3 seeds the bootstrap is coarse.", "",
           "| experiment | " + " | ".join(f"{n // L}×L" for n in lengths) + " |", "|---|" + "---|" * len(lengths)]
     for e in others:
         cells = []
         for n in lengths:
-            a = df[(df.experiment == e) & (df.length == n)].set_index("seed").ppl
-            b = df[(df.experiment == ref) & (df.length == n)].set_index("seed").ppl
+            a = df[(df.experiment == e) & (df.length == n)].set_index("seed")[col]
+            b = df[(df.experiment == ref) & (df.length == n)].set_index("seed")[col]
             diffs = (a - b).loc[seeds].tolist()
             lo, hi = bootstrap_ci(diffs) if len(diffs) > 1 else (float("nan"), float("nan"))
-            cells.append(f"{np.mean(diffs):+.2f}" + ("" if np.isnan(lo) else f" [{lo:+.2f}, {hi:+.2f}]"))
+            cells.append(fmt.format(np.mean(diffs)) + ("" if np.isnan(lo) else f" [{fmt.format(lo)}, {fmt.format(hi)}]"))
         md.append(f"| {e} | " + " | ".join(cells) + " |")
     return md
 

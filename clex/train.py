@@ -22,10 +22,11 @@ from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_only
 
 from clex import tracking
-from clex.config import Experiment, RopeSpec, Study, TrainerConfig
+from clex.config import Experiment, ParamsError, RopeSpec, Study, TrainerConfig
 from clex.data import TokenDataModule, data_hash
 from clex.lit import LitDecoder
 from clex.model import Decoder, parameter_count
+from clex.passkey import MIN_FILLER, PasskeyFormat
 from clex.rope import build_position_encoding
 
 PLAIN = Experiment(name="base", description="plain RoPE base model", rope=RopeSpec(type="rope"))
@@ -50,7 +51,21 @@ def vocab_size(study: Study) -> int:
 def build_model(study: Study, experiment: Experiment) -> Decoder:
     m = study.params.model
     rope = build_position_encoding(experiment.rope, head_dim=m.head_dim, base=m.rope_base, train_len=m.train_len)
-    return Decoder(m, vocab_size(study), rope, attn_log_scale=experiment.attn_log_scale)
+    streaming = experiment.streaming.sizes(m.train_len) if experiment.streaming else None
+    return Decoder(m, vocab_size(study), rope, attn_log_scale=experiment.attn_log_scale, streaming=streaming)
+
+
+def passkey_format(study: Study, length: int, what: str) -> PasskeyFormat:
+    """The passkey format on the prepared tokenizer, checked to fit `length` tokens before any compute."""
+    pk = study.params.passkey
+    fmt = PasskeyFormat.from_tokenizer(data_dir(study) / "tokenizer.json", pk.digits, pk.needle, pk.question)
+    if length < fmt.overhead + MIN_FILLER:
+        raise ParamsError(
+            f"passkey.digits: {study.params.passkey.digits} makes a passkey example {fmt.overhead} tokens plus at "
+            f"least {MIN_FILLER} of filler, more than the {length} tokens of {what}; allowed: fewer digits or a "
+            f"longer {what}"
+        )
+    return fmt
 
 
 def load_checkpoint(study: Study, experiment: Experiment, ckpt: Path) -> Decoder:
@@ -106,6 +121,9 @@ def train(study: Study, experiment: Experiment | None = None, seed: int | None =
     resume_dir = study.root / "build" / "resume" / stage
     L.seed_everything(seed, workers=True, verbose=False)
 
+    mix = None if pretraining else p.passkey.model_dump(include={"train_fraction", "digits", "needle", "question"})
+    if mix and mix["train_fraction"] > 0:
+        fmt = passkey_format(study, seq_len + 1, "model.train_len × finetune.seq_len_factor (+1)")
     if pretraining:
         model = build_model(study, exp)
         base_sha = None
@@ -113,7 +131,7 @@ def train(study: Study, experiment: Experiment | None = None, seed: int | None =
         model = load_checkpoint(study, exp, base_dir(study) / "model.pt")
         base_sha = json.loads((base_dir(study) / "run.json").read_text())["checkpoint_sha256"]
     dhash = data_hash(data_dir(study))
-    config_hash = _config_hash(p.model_dump(), optim.model_dump(), exp.model_dump(), seed, dhash, base_sha)
+    config_hash = _config_hash(p.model_dump(), optim.model_dump(), exp.model_dump(), seed, dhash, base_sha, mix)
 
     state_file = resume_dir / "state.json"
     state = json.loads(state_file.read_text()) if state_file.exists() else {}
@@ -142,7 +160,8 @@ def train(study: Study, experiment: Experiment | None = None, seed: int | None =
         state_file.write_text(json.dumps({"config_hash": config_hash, "run_id": run_id}))
         tracking.close_stale_runs(root, stage, keep=run_id)
         logger.log_hyperparams({**tracking.flatten(p.model_dump()), **tracking.flatten(exp.model_dump(), "exp."),
-                                "seed": seed, "n_params": parameter_count(model), "seq_len": seq_len})
+                                "seed": seed, "n_params": parameter_count(model), "seq_len": seq_len,
+                                **tracking.flatten(mix or {}, "passkey.")})
 
     cfg = p.trainer
     ckpt = ModelCheckpoint(dirpath=resume_dir, every_n_train_steps=cfg.checkpoint_every_n_steps, save_last=True,
@@ -156,7 +175,8 @@ def train(study: Study, experiment: Experiment | None = None, seed: int | None =
     lit = LitDecoder(model, optim, seed, exp.position_sampling)
     dm = TokenDataModule(data_dir(study), seq_len, optim.batch_size,
                          train_samples=optim.steps * optim.batch_size * trainer.world_size,
-                         val_windows=cfg.val_batches * optim.batch_size, seed=seed, num_workers=cfg.num_workers)
+                         val_windows=cfg.val_batches * optim.batch_size, seed=seed, num_workers=cfg.num_workers,
+                         passkey=(fmt, mix["train_fraction"]) if mix and mix["train_fraction"] > 0 else None)
     started = time.perf_counter()
     trainer.fit(lit, dm, ckpt_path=str(last) if resuming else None)
     seconds = time.perf_counter() - started

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from clex.config import merged
+from clex.config import ParamsError, load_study, merged
+from clex.pipeline import write
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = Path(__file__).with_name("tiny_params.yaml")
@@ -28,6 +29,10 @@ def make_study(dest: Path, params: dict | None = None) -> Path:
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(src, dest / name)
     (dest / "params.yaml").write_text(yaml.safe_dump(params or tiny_params()))
+    try:  # dvc.yaml lists experiments × seeds: regenerate it for these params (bad params keep the repo's)
+        write(load_study(dest))
+    except ParamsError:
+        pass
     subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
     return dest
 

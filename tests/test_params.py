@@ -24,6 +24,10 @@ BAD = [
      ["data.files", "/nonexistent/corpus/*.txt", "matches no file"]),
     ("params.yaml", "data.vocab_size", 100, ["data.vocab_size", "got 100", "greater than or equal to 257"]),
     ("params.yaml", "eval.protocol", "strided", ["eval.protocol", "'strided'", "'nonoverlapping' or 'sliding'"]),
+    ("params.yaml", "passkey.depths", [0.5, 1.5], ["passkey.depths", "[0.5, 1.5]", "fractions in [0, 1]"]),
+    ("experiments/clex.yaml", "reuse", "naive_ft", ["rope.type", "'clex'", "cannot reuse", "'dynamic_ntk'"]),
+    ("experiments/dynamic_ntk.yaml", "reuse", "clex", ["reuse: 'clex'", "rope.type 'clex'", "plain rope.type 'rope'"]),
+    ("experiments/streaming.yaml", "reuse", "pi", ["reuse: 'pi'", "plain rope.type 'rope'"]),
 ]
 
 
@@ -85,7 +89,10 @@ def test_dvc_graph_has_every_ablation_stage():
             "discrete_vs_continuous"} <= set(study.ablations)
     for a in study.ablations:
         assert (REPO / "ablations" / a / "README.md").is_file(), a
-    assert {f"finetune@{e}-{s}" for e in study.params.experiments for s in study.params.finetune.seeds} <= names
+    seeds = study.params.finetune.seeds
+    assert {f"finetune@{e}-{s}" for e in study.trained() for s in seeds} <= names
+    assert {f"evaluate@{e}-{s}" for e in study.params.experiments for s in seeds} <= names
+    assert not {n for n in names if n.startswith(("finetune@dynamic_ntk", "finetune@streaming"))}  # reuse naive_ft
 
 
 def test_experiment_extends_merges_and_rejects_bad_parents(tmp_path):
@@ -102,3 +109,17 @@ def test_experiment_extends_merges_and_rejects_bad_parents(tmp_path):
     (study / "experiments/bad2.yaml").write_text("extends: bad\n")
     with pytest.raises(ParamsError, match="makes a cycle"):
         load_study(study)
+
+
+def test_stale_dvc_yaml_is_refused_before_compute(tmp_path):
+    """dvc.yaml lists experiments × seeds: a params change without `clex pipeline` stops at validate."""
+    study = make_study(tmp_path / "study")
+    params = tiny_params()
+    params["finetune"]["seeds"] = [0, 1, 2]
+    (study / "params.yaml").write_text(yaml.safe_dump(params))
+    proc = run(study, "dvc", "repro", "ablations/discrete_vs_continuous", check=False)
+    assert proc.returncode != 0 and "dvc.yaml: out of date" in proc.stderr + proc.stdout
+    assert "run `clex pipeline`" in proc.stderr + proc.stdout
+    assert not (study / "build" / "data").exists()
+    run(study, "clex", "pipeline")
+    assert "finetune@clex-2" in run(study, "dvc", "stage", "list").stdout

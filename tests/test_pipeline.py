@@ -37,7 +37,10 @@ def test_dvc_repro_ablation_end_to_end(tmp_path):
     shown = json.loads(run(study, "dvc", "metrics", "show", "--json").stdout)
     metrics = next(iter(shown.values()))["data"]["reports/discrete_vs_continuous/metrics.json"]["data"]
     assert set(metrics) == {"base", "naive_ft", "clex", "clex_discrete"}
-    assert set(metrics["clex"]) == {"32", "64", "128"}
+    assert set(metrics["clex"]) == {"ppl", "passkey_acc"}
+    assert set(metrics["clex"]["ppl"]) == set(metrics["clex"]["passkey_acc"]) == {"32", "64", "128"}
+    assert "## Passkey retrieval" in table and "| clex | 0.5 |" in table  # per length and per depth
+    assert all(0 <= v <= 1 for v in metrics["clex"]["passkey_acc"].values())
 
     client, exp, runs = _runs(study)
     by_role = {}
@@ -53,6 +56,9 @@ def test_dvc_repro_ablation_end_to_end(tmp_path):
             assert tags.get(key), key
         history = client.get_metric_history(r.info.run_id, "ppl")
         assert sorted(m.step for m in history) == [32, 64, 128]  # step = length: PPL-vs-length curves
+        passkey = client.get_metric_history(r.info.run_id, "passkey_acc")
+        assert sorted(m.step for m in passkey) == [32, 64, 128]
+        assert "passkey_acc_128_depth0.5" in r.data.metrics
         assert r.data.params["model.train_len"] == "32"
     finetunes = {r.data.tags["dvc_stage"]: r for r in by_role["finetune"]}
     assert set(finetunes) == {f"finetune@{e}-{s}" for e in ("naive_ft", "clex", "clex_discrete") for s in (0, 1)}
@@ -82,6 +88,21 @@ def test_dvc_repro_ablation_end_to_end(tmp_path):
     for r in _runs(study)[2][: len(_runs(study)[2]) - len(runs)]:
         added[r.data.tags["role"]] = added.get(r.data.tags["role"], 0) + 1
     assert added == {"finetune": 2, "evaluate": 2, "report": 1}
+
+    # inference-time baselines evaluate naive_ft's checkpoints: no fine-tune stage of their own
+    reuse = run(study, "dvc", "repro", "evaluate@dynamic_ntk-0", "evaluate@streaming-1")
+    assert "Running stage 'finetune@" not in reuse.stdout
+    client, _, after = _runs(study)
+    naive = {r.data.tags["seed"]: r.info.run_id for r in after if r.data.tags.get("dvc_stage", "").startswith("finetune@naive_ft")}
+    for exp, seed in (("dynamic_ntk", 0), ("streaming", 1)):
+        record = json.loads((study / f"build/eval/{exp}/seed{seed}.json").read_text())
+        assert record["reused_checkpoint_of"] == "naive_ft" and record["train_run_id"] == naive[str(seed)]
+        tags = client.get_run(record["run_id"]).data.tags
+        assert tags["checkpoint_of"] == "naive_ft" and tags["mlflow.parentRunId"] == naive[str(seed)]
+    # the window (round(0.977·32) = 31 plus 1 sink) only changes lengths beyond it
+    naive_eval = json.loads((study / "build/eval/naive_ft/seed1.json").read_text())["ppl"]
+    streaming = json.loads((study / "build/eval/streaming/seed1.json").read_text())["ppl"]
+    assert streaming["32"] == naive_eval["32"] and streaming["128"] != naive_eval["128"]
 
 
 def test_finetune_ddp_two_cpu_processes_logs_one_run(trained_study):
