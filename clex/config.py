@@ -130,6 +130,22 @@ class TrainerConfig(Strict):
 PROTOCOLS = ("nonoverlapping", "sliding")
 
 
+KEY = "{KEY}"  # marks each occurrence of the passkey in the needle and question texts
+PASSKEY_NEEDLE = "\n# The pass key is {KEY}. Remember it. {KEY} is the pass key.\n"
+PASSKEY_QUESTION = "\n# What is the pass key? The pass key is {KEY}"  # ends with the key: the answer
+
+
+PASSKEY_TRAINING_KEYS = ("train_fraction", "digits", "needle", "question")  # what a fine-tune's passkey mix uses
+
+
+def check_passkey_template(needle: str, question: str) -> None:
+    """ValueError unless the needle holds {KEY} and the question ends with it, once."""
+    if KEY not in needle:
+        raise ValueError(f"passkey.needle: {needle!r} has no {KEY}; allowed: text with {KEY} at least once")
+    if not question.endswith(KEY) or question.count(KEY) != 1:
+        raise ValueError(f"passkey.question: {question!r}; allowed: text that ends with {KEY}, once")
+
+
 class PasskeyConfig(Strict):
     """Passkey retrieval (method.md §8 / issue 3): a random key hidden in test-corpus filler, scored by
     teacher-forced digit accuracy; `train_fraction` of every fine-tune's sequences are passkey examples
@@ -140,18 +156,14 @@ class PasskeyConfig(Strict):
     depths: list[float] = Field([0.0, 0.25, 0.5, 0.75, 1.0], min_length=1, description="needle depth in the filler")
     samples: int = Field(4, ge=1, description="examples per length and depth (the same for every model)")
     seed: int = 0
-    needle: str = Field("\n# The pass key is {KEY}. Remember it. {KEY} is the pass key.\n",
-                        description="hidden in the filler; {KEY} marks each occurrence of the key")
-    question: str = Field("\n# What is the pass key? The pass key is {KEY}", description="ends the example with the key")
+    needle: str = Field(PASSKEY_NEEDLE, description="hidden in the filler; {KEY} marks each occurrence of the key")
+    question: str = Field(PASSKEY_QUESTION, description="ends the example with the key")
 
     @model_validator(mode="after")
     def _depths(self) -> "PasskeyConfig":
         if any(not 0 <= d <= 1 for d in self.depths) or sorted(set(self.depths)) != self.depths:
             raise ValueError(f"passkey.depths: {self.depths}; allowed: distinct increasing fractions in [0, 1]")
-        if "{KEY}" not in self.needle:
-            raise ValueError(f"passkey.needle: {self.needle!r} has no {{KEY}}; allowed: text with {{KEY}} at least once")
-        if not self.question.endswith("{KEY}") or self.question.count("{KEY}") != 1:
-            raise ValueError(f"passkey.question: {self.question!r}; allowed: text that ends with {{KEY}}, once")
+        check_passkey_template(self.needle, self.question)
         return self
 
 

@@ -87,11 +87,12 @@ class Attention(nn.Module):
         if streaming is not None:
             window, sinks = streaming
             out = streaming_attention(q, k, v, cos, sin, window, sinks, scale=q_scale / math.sqrt(self.head_dim))
-            return self.proj(out.transpose(1, 2).reshape(B, T, C))
-        if cos is not None:
-            cos, sin = cos.to(q.dtype), sin.to(q.dtype)
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        return self.proj(attention(q, k, v, mask, q_scale).transpose(1, 2).reshape(B, T, C))
+        else:
+            if cos is not None:
+                cos, sin = cos.to(q.dtype), sin.to(q.dtype)
+                q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            out = attention(q, k, v, mask, q_scale)
+        return self.proj(out.transpose(1, 2).reshape(B, T, C))
 
 
 class SwiGLU(nn.Module):

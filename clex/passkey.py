@@ -27,10 +27,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-KEY = "{KEY}"
-NEEDLE = "\n# The pass key is {KEY}. Remember it. {KEY} is the pass key.\n"
-QUESTION = "\n# What is the pass key? The pass key is {KEY}"  # must end with the key: the answer
-MIN_FILLER = 8  # an example needs at least this many filler tokens besides the needle, question and answer
+from clex.config import KEY, PASSKEY_NEEDLE as NEEDLE, PASSKEY_QUESTION as QUESTION, check_passkey_template
+
+MIN_FILLER = 8  # an example needs more than this many filler tokens besides the needle, question and answer
 
 
 @dataclass(frozen=True)
@@ -59,13 +58,16 @@ class PasskeyFormat:
         tok = Tokenizer.from_file(str(path))
         digit_ids = tuple(tok.token_to_id(str(d)) for d in range(10))
         assert None not in digit_ids, "the tokenizer has no single-character token for some digit"
-        if KEY not in needle or not question.endswith(KEY) or question.count(KEY) != 1:
-            raise ValueError(f"the needle must contain {KEY} and the question must end with it (once)")
+        check_passkey_template(needle, question)
 
         def ids(text: str) -> tuple[int, ...]:
             return tuple(tok.encode(text).ids) if text else ()
 
         return cls(digits, digit_ids, tuple(ids(t) for t in needle.split(KEY)), ids(question[: -len(KEY)]))
+
+    def fits(self, length: int) -> bool:
+        """Whether an example of `length` tokens leaves more than MIN_FILLER tokens of filler."""
+        return length - self.overhead > MIN_FILLER
 
     def key_ids(self, key: Sequence[int]) -> list[int]:
         key = [int(d) for d in key]
@@ -167,8 +169,8 @@ class PasskeyMix(Dataset):
             raise ValueError(f"fraction: got {fraction}; allowed: 0..1")
         seq_len = getattr(dataset, "seq_len", None)
         window = seq_len + 1 if seq_len is not None else len(dataset[0])
-        if fraction > 0 and window <= fmt.overhead + MIN_FILLER:
-            raise ValueError(f"windows of {window} tokens leave under {MIN_FILLER} filler tokens around the "
+        if fraction > 0 and not fmt.fits(window):
+            raise ValueError(f"windows of {window} tokens leave at most {MIN_FILLER} filler tokens around the "
                              f"{fmt.overhead} passkey tokens; allowed: a longer seq_len or fraction 0")
         self.dataset, self.fmt, self.fraction, self.seed = dataset, fmt, fraction, seed
 

@@ -22,7 +22,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_only
 
 from clex import tracking
-from clex.config import Experiment, ParamsError, RopeSpec, Study, TrainerConfig
+from clex.config import PASSKEY_TRAINING_KEYS, Experiment, ParamsError, RopeSpec, Study, TrainerConfig
 from clex.data import TokenDataModule, data_hash
 from clex.lit import LitDecoder
 from clex.model import Decoder, parameter_count
@@ -59,10 +59,10 @@ def passkey_format(study: Study, length: int, what: str) -> PasskeyFormat:
     """The passkey format on the prepared tokenizer, checked to fit `length` tokens before any compute."""
     pk = study.params.passkey
     fmt = PasskeyFormat.from_tokenizer(data_dir(study) / "tokenizer.json", pk.digits, pk.needle, pk.question)
-    if length < fmt.overhead + MIN_FILLER:
+    if not fmt.fits(length):
         raise ParamsError(
-            f"passkey.digits: {study.params.passkey.digits} makes a passkey example {fmt.overhead} tokens plus at "
-            f"least {MIN_FILLER} of filler, more than the {length} tokens of {what}; allowed: fewer digits or a "
+            f"passkey.digits: {pk.digits} makes a passkey example {fmt.overhead} tokens plus more than "
+            f"{MIN_FILLER} of filler, more than the {length} tokens of {what}; allowed: fewer digits or a "
             f"longer {what}"
         )
     return fmt
@@ -121,9 +121,8 @@ def train(study: Study, experiment: Experiment | None = None, seed: int | None =
     resume_dir = study.root / "build" / "resume" / stage
     L.seed_everything(seed, workers=True, verbose=False)
 
-    mix = None if pretraining else p.passkey.model_dump(include={"train_fraction", "digits", "needle", "question"})
-    if mix and mix["train_fraction"] > 0:
-        fmt = passkey_format(study, seq_len + 1, "model.train_len × finetune.seq_len_factor (+1)")
+    mixing = not pretraining and p.passkey.train_fraction > 0
+    fmt = passkey_format(study, seq_len + 1, "model.train_len × finetune.seq_len_factor (+1)") if mixing else None
     if pretraining:
         model = build_model(study, exp)
         base_sha = None
@@ -131,7 +130,7 @@ def train(study: Study, experiment: Experiment | None = None, seed: int | None =
         model = load_checkpoint(study, exp, base_dir(study) / "model.pt")
         base_sha = json.loads((base_dir(study) / "run.json").read_text())["checkpoint_sha256"]
     dhash = data_hash(data_dir(study))
-    config_hash = _config_hash(p.model_dump(), optim.model_dump(), exp.model_dump(), seed, dhash, base_sha, mix)
+    config_hash = _config_hash(p.model_dump(), optim.model_dump(), exp.model_dump(), seed, dhash, base_sha)
 
     state_file = resume_dir / "state.json"
     state = json.loads(state_file.read_text()) if state_file.exists() else {}
@@ -161,7 +160,7 @@ def train(study: Study, experiment: Experiment | None = None, seed: int | None =
         tracking.close_stale_runs(root, stage, keep=run_id)
         logger.log_hyperparams({**tracking.flatten(p.model_dump()), **tracking.flatten(exp.model_dump(), "exp."),
                                 "seed": seed, "n_params": parameter_count(model), "seq_len": seq_len,
-                                **tracking.flatten(mix or {}, "passkey.")})
+                                **({} if pretraining else tracking.flatten(p.passkey.model_dump(include=set(PASSKEY_TRAINING_KEYS)), "passkey."))})
 
     cfg = p.trainer
     ckpt = ModelCheckpoint(dirpath=resume_dir, every_n_train_steps=cfg.checkpoint_every_n_steps, save_last=True,
@@ -176,7 +175,7 @@ def train(study: Study, experiment: Experiment | None = None, seed: int | None =
     dm = TokenDataModule(data_dir(study), seq_len, optim.batch_size,
                          train_samples=optim.steps * optim.batch_size * trainer.world_size,
                          val_windows=cfg.val_batches * optim.batch_size, seed=seed, num_workers=cfg.num_workers,
-                         passkey=(fmt, mix["train_fraction"]) if mix and mix["train_fraction"] > 0 else None)
+                         passkey=(fmt, p.passkey.train_fraction) if mixing else None)
     started = time.perf_counter()
     trainer.fit(lit, dm, ckpt_path=str(last) if resuming else None)
     seconds = time.perf_counter() - started
