@@ -89,6 +89,20 @@ def _report(study: Study, args) -> None:
     print(f"report: {out}/table.md, plot: {out}/ppl_vs_length.png")
 
 
+def _sweep(study: Study, args) -> None:
+    from clex.sweep import run_sweep
+
+    out = run_sweep(study, workers=args.workers)
+    print(f"sweep written to {out}")
+
+
+def _notebooks(study: Study, args) -> None:
+    from clex.notebooks import run_notebooks
+
+    out = run_notebooks(study, names=args.names)
+    print(f"executed notebooks and figures written to {out}")
+
+
 def _pipeline(study: Study, args) -> int:
     from clex.pipeline import write
 
@@ -118,6 +132,12 @@ def parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("report", help="an ablation's table, plot and metrics")
     rp.add_argument("ablation")
     rp.set_defaults(func=_report)
+    sw = sub.add_parser("sweep", help="Optuna sweep over CLEX's ODE width and t_max (params `sweep`); resumable")
+    sw.add_argument("--workers", type=int, help="worker processes sharing the study's storage (default: sweep.workers)")
+    sw.set_defaults(func=_sweep)
+    nb = sub.add_parser("notebooks", help="execute analysis/*.ipynb headless (papermill) against the MLflow store")
+    nb.add_argument("names", nargs="*", help="notebook names without .ipynb (default: all)")
+    nb.set_defaults(func=_notebooks)
     pl = sub.add_parser("pipeline", help="generate dvc.yaml from the ablation files")
     pl.add_argument("--check", action="store_true", help="exit 1 if dvc.yaml is out of date")
     pl.set_defaults(func=_pipeline)

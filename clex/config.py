@@ -176,6 +176,45 @@ class EvalConfig(Strict):
     batch_size: int = Field(4, ge=1)
 
 
+# ---------------------------------------------------------------------------- sweeps
+def _check_range(key: str, value: list | None, ok, allowed: str) -> None:
+    if value is not None and not (len(value) == 2 and value[0] <= value[1] and ok(value)):
+        raise ValueError(f"sweep.{key}: {value}; allowed: [low, high], {allowed}")
+
+
+class SweepConfig(Strict):
+    """`clex sweep` (stage `sweeps/<name>`): an Optuna study over the ODE width λ and t_max of `experiment`.
+
+    Every trial fine-tunes from the shared base model with the `finetune` budget and seed `seed`; the
+    objective is the mean validation PPL at `val_multipliers` × L on validation documents (never the test set).
+    """
+
+    name: str = Field("ode_width_tmax", pattern=r"^[A-Za-z0-9_.-]+$", description="Optuna study name; stage sweeps/<name>")
+    experiment: str = Field("clex", description="a CLEX experiment; its rope.ode_width and rope.t_max are searched")
+    trials: int = Field(8, ge=1, description="finished (complete or pruned) trials the study should hold; a rerun adds the missing ones")
+    ode_width: list[int] = Field([1, 8], description="[low, high] of λ, integers, log-uniform")
+    t_max: list[int] = Field([4, 32], description="[low, high] of t_max, integers, log-uniform")
+    lr: list[float] | None = Field(None, description="[low, high] of finetune.lr, log-uniform; null keeps finetune.lr")
+    val_multipliers: list[int] = Field([2, 4, 8], min_length=1, description="objective lengths, multiples of L")
+    val_windows: int = Field(8, ge=1, description="validation windows per length")
+    val_every_n_steps: int = Field(50, ge=1, description="intermediate objective (pruning) every this many steps")
+    seed: int = Field(0, description="fine-tune seed of every trial; the sampler's seed")
+    sampler: Literal["tpe", "random"] = "tpe"
+    startup_trials: int = Field(3, ge=0, description="trials drawn at random, and finished before any is pruned")
+    prune_after_steps: int = Field(50, ge=0, description="MedianPruner warm-up: no trial is pruned before this step")
+    workers: int = Field(1, ge=1, description="worker processes of one `clex sweep` (more commands may share the storage)")
+    storage: str | None = Field(None, description="database URL; null: sqlite:///<root>/build/sweeps/<name>.db")
+
+    @model_validator(mode="after")
+    def _ranges(self) -> "SweepConfig":
+        _check_range("ode_width", self.ode_width, lambda v: v[0] >= 1, "integers 1 <= low <= high")
+        _check_range("t_max", self.t_max, lambda v: v[0] >= 1 and v[1] >= 2, "integers 1 <= low <= high, high >= 2")
+        _check_range("lr", self.lr, lambda v: 0 < v[0] and v[1] <= 1, "floats 0 < low <= high <= 1")
+        if any(m < 1 for m in self.val_multipliers) or sorted(set(self.val_multipliers)) != self.val_multipliers:
+            raise ValueError(f"sweep.val_multipliers: {self.val_multipliers}; allowed: distinct increasing integers >= 1")
+        return self
+
+
 # ---------------------------------------------------------------------------- experiments
 class SolverSpec(Strict):
     """torchdiffeq solver for the CLEX ODE (method.md §3.1, §8 `time_dt`).
@@ -392,6 +431,7 @@ class Params(Strict):
     trainer: TrainerConfig = TrainerConfig()
     eval: EvalConfig = EvalConfig()
     passkey: PasskeyConfig = PasskeyConfig()
+    sweep: SweepConfig = SweepConfig()
     experiments: list[str] = Field(min_length=1, description="experiments the pipeline trains")
 
     @model_validator(mode="after")
@@ -409,6 +449,12 @@ class Params(Strict):
             raise ValueError("eval.stride: required when eval.protocol is 'sliding' (tokens scored per window)")
         if self.eval.stride is not None and self.eval.stride > min(self.eval.lengths):
             raise ValueError(f"eval.stride: {self.eval.stride} exceeds the shortest eval length {min(self.eval.lengths)}")
+        if self.finetune.steps % self.sweep.val_every_n_steps:
+            raise ValueError(f"sweep.val_every_n_steps: {self.sweep.val_every_n_steps} does not divide finetune.steps="
+                             f"{self.finetune.steps}; allowed: a divisor, so the last report is the trained model's objective")
+        if self.sweep.prune_after_steps >= self.finetune.steps:
+            raise ValueError(f"sweep.prune_after_steps: {self.sweep.prune_after_steps}; allowed: below "
+                             f"finetune.steps={self.finetune.steps}")
         return self
 
     @property
@@ -552,6 +598,10 @@ def load_study(root: Path | str = ".", params_file: str = "params.yaml") -> Stud
                 f"experiments/{name}.yaml: reuse: {source!r} was fine-tuned with rope.type "
                 f"{experiments[source].rope.type!r}; allowed: an experiment with plain rope.type 'rope'"
             )
+    swept = params.sweep.experiment
+    if swept not in experiments or experiments[swept].rope.type != "clex" or experiments[swept].reuse is not None:
+        raise ParamsError(f"{params_file}: sweep.experiment: {swept!r} is not a CLEX experiment; allowed: "
+                          f"{sorted(n for n, e in experiments.items() if e.rope.type == 'clex' and e.reuse is None)}")
     ablations = {}
     for p in sorted((root / "ablations").glob("*/ablation.yaml")):
         source = str(p.relative_to(root))

@@ -229,14 +229,17 @@ class TokenDataModule(L.LightningDataModule):
     (fixed, never mixed) from the prepared token streams."""
 
     def __init__(self, data_dir: Path, seq_len: int, batch_size: int, train_samples: int, val_windows: int,
-                 seed: int, num_workers: int = 0, passkey: tuple | None = None):
+                 seed: int, num_workers: int = 0, passkey: tuple | None = None, val_lengths: list[int] | None = None,
+                 val_batch_size: int | None = None):
         super().__init__()
         self.passkey = passkey  # (PasskeyFormat, fraction): that share of training windows become passkey examples
+        # validation at other lengths than seq_len (the sweep's objective): one loader per length
+        self.val_lengths, self.val_batch_size = val_lengths, val_batch_size or batch_size
         self.data_dir, self.seq_len, self.batch_size = Path(data_dir), seq_len, batch_size
         self.train_samples, self.val_windows, self.seed, self.num_workers = train_samples, val_windows, seed, num_workers
 
-    def _loader(self, ds: Dataset) -> DataLoader:
-        return DataLoader(ds, batch_size=self.batch_size, shuffle=False, drop_last=False,
+    def _loader(self, ds: Dataset, batch_size: int | None = None) -> DataLoader:
+        return DataLoader(ds, batch_size=batch_size or self.batch_size, shuffle=False, drop_last=False,
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
@@ -247,5 +250,8 @@ class TokenDataModule(L.LightningDataModule):
             windows = PasskeyMix(windows, *self.passkey, seed=self.seed)
         return self._loader(windows)
 
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(FixedWindows(load_tokens(self.data_dir, "val"), self.seq_len, self.val_windows))
+    def val_dataloader(self) -> DataLoader | list[DataLoader]:
+        tokens = load_tokens(self.data_dir, "val")
+        if self.val_lengths is None:
+            return self._loader(FixedWindows(tokens, self.seq_len, self.val_windows))
+        return [self._loader(FixedWindows(tokens, n, self.val_windows), self.val_batch_size) for n in self.val_lengths]

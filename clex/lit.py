@@ -49,10 +49,13 @@ def scale_and_positions(rope, position_sampling: str, seq_len: int, seed: int, s
 class LitDecoder(L.LightningModule):
     """Trains a Decoder; `position_sampling` decides the training positions for the sampled t."""
 
-    def __init__(self, model: Decoder, optim: OptimConfig, seed: int, position_sampling: str = "none"):
+    def __init__(self, model: Decoder, optim: OptimConfig, seed: int, position_sampling: str = "none",
+                 val_by_length: bool = False):
         super().__init__()
         self.model, self.optim, self.seed, self.position_sampling = model, optim, seed, position_sampling
         self.tokens_seen = 0
+        # val_by_length (the sweep): one validation loader per length; logs val_ppl_<n> and their mean val_ppl
+        self.val_by_length, self._val_nll = val_by_length, {}
 
     def scale_and_positions(self, seq_len: int) -> tuple[int, torch.Tensor | None]:
         """(t, positions on this device) for this step; see the module-level `scale_and_positions`."""
@@ -73,11 +76,28 @@ class LitDecoder(L.LightningModule):
         )
         return loss
 
-    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+    def validation_step(self, batch: torch.Tensor, batch_idx: int, dataloader_idx: int = 0) -> None:
         x, y = batch[:, :-1], batch[:, 1:]
         logits = self.model(x)  # inference rule: t = ceil(n / L)
         loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
-        self.log("val_loss", loss, on_epoch=True, sync_dist=True)
+        if not self.val_by_length:
+            self.log("val_loss", loss, on_epoch=True, sync_dist=True)
+            return
+        nll, count = self._val_nll.get(x.shape[1], (0.0, 0))
+        self._val_nll[x.shape[1]] = (nll + loss.item() * y.numel(), count + y.numel())
+
+    def on_validation_epoch_end(self) -> None:
+        """PPL per validation length (token-weighted) and `val_ppl`, their mean: the sweep's objective."""
+        if not self.val_by_length:
+            return
+        if self.trainer.world_size > 1:
+            raise RuntimeError("val_by_length validation runs in one process (the sweep trains one process per trial)")
+        ppl = {f"val_ppl_{n}": math.exp(nll / count) for n, (nll, count) in sorted(self._val_nll.items())}
+        self._val_nll = {}
+        ppl["val_ppl"] = sum(ppl.values()) / len(ppl)
+        self.log_dict(ppl, logger=False)  # for callbacks (pruning) ...
+        if self.logger is not None:  # ... and logged at the optimizer steps taken, the step Optuna's reports use
+            self.logger.log_metrics(ppl, step=self.global_step)
 
     def configure_optimizers(self):
         decay, no_decay = [], []

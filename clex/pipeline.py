@@ -36,7 +36,7 @@ def stages(study: Study) -> dict:
         "validate": {
             "cmd": "clex validate",
             "deps": ["clex/config.py", "experiments", "ablations"],
-            "params": ["data", "model", "pretrain", "finetune", "trainer", "eval", "passkey", "experiments"],
+            "params": ["data", "model", "pretrain", "finetune", "trainer", "eval", "passkey", "sweep", "experiments"],
             "outs": [{"build/validated": {"cache": False}}, {"build/experiments": {"cache": False}}],
         },
         "prepare": {
@@ -79,6 +79,7 @@ def stages(study: Study) -> dict:
             },
         },
     }
+    s[f"sweeps/{study.params.sweep.name}"] = _sweep_stage(study, model, trainer)
     for name, ab in sorted(study.ablations.items()):
         folder = f"reports/{name}"
         s[f"ablations/{name}"] = {
@@ -91,6 +92,25 @@ def stages(study: Study) -> dict:
             "plots": [{f"{folder}/ppl_by_length.csv": {"x": "length", "y": "ppl", "cache": False}}],
         }
     return s
+
+
+def _sweep_stage(study: Study, model: list[str], trainer: list[str]) -> dict:
+    """`clex sweep`: its default sqlite storage persists across reruns (the study continues; DVC must not
+    delete it), the best trial's experiment YAML is its output, the trial counts its DVC metrics."""
+    cfg = study.params.sweep
+    folder = f"reports/sweeps/{cfg.name}"
+    outs: list = [f"{folder}/best.yaml", {f"{folder}/trials.csv": {"cache": False}}]
+    if cfg.storage is None:
+        outs.append({f"build/sweeps/{cfg.name}.db": {"cache": False, "persist": True}})
+    return {
+        "cmd": "clex sweep",
+        "deps": ["build/validated", "build/data", "build/base", f"build/experiments/{cfg.experiment}.json",
+                 "clex/sweep.py", "clex/passkey.py"] + TRAIN_CODE,
+        "params": ["sweep"] + model + _keys("finetune", FinetuneConfig, exclude=("seeds",)) + trainer
+        + [f"passkey.{k}" for k in PASSKEY_TRAINING_KEYS] + ["eval.batch_size"],
+        "outs": outs,
+        "metrics": [{f"{folder}/metrics.json": {"cache": False}}],
+    }
 
 
 def missing_params(study: Study, raw: dict) -> list[str]:

@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import lightning as L
@@ -22,7 +23,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_only
 
 from clex import tracking
-from clex.config import PASSKEY_TRAINING_KEYS, Experiment, ParamsError, RopeSpec, Study, TrainerConfig
+from clex.config import PASSKEY_TRAINING_KEYS, Experiment, OptimConfig, ParamsError, RopeSpec, Study, TrainerConfig
 from clex.data import TokenDataModule, data_hash
 from clex.lit import LitDecoder
 from clex.model import Decoder, parameter_count
@@ -104,20 +105,40 @@ def resolve_trainer(cfg: TrainerConfig, learned_rope: bool) -> dict:
                 plugins=[AtomicCheckpointIO()])
 
 
+@dataclass(frozen=True)
+class TrialRun:
+    """How a sweep trial's fine-tune differs from a pipeline fine-tune: its own stage name, output folder,
+    optimiser settings, extra MLflow tags and params, callbacks (pruning), and validation at several
+    lengths (`val_ppl_<n>` and their mean `val_ppl`, every `val_every_n_steps`) instead of `val_loss` at L."""
+
+    stage: str
+    out_dir: Path
+    optim: OptimConfig
+    val_lengths: list[int]
+    val_windows: int
+    val_batch_size: int
+    val_every_n_steps: int
+    tags: dict = field(default_factory=dict)
+    params: dict = field(default_factory=dict)
+    callbacks: list = field(default_factory=list)
+
+
 def _config_hash(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def train(study: Study, experiment: Experiment | None = None, seed: int | None = None) -> Path:
-    """Run the pretrain stage (experiment None) or one finetune run; returns its output directory."""
+def train(study: Study, experiment: Experiment | None = None, seed: int | None = None,
+          trial: TrialRun | None = None) -> Path:
+    """Run the pretrain stage (experiment None), one finetune run, or a sweep trial's fine-tune (`trial`);
+    returns its output directory."""
     p = study.params
     pretraining = experiment is None
     exp = PLAIN if pretraining else experiment
     seed = p.pretrain.seed if pretraining else seed
-    optim = p.pretrain if pretraining else p.finetune
+    optim = p.pretrain if pretraining else trial.optim if trial else p.finetune
     seq_len = p.model.train_len * (1 if pretraining else p.finetune.seq_len_factor)
-    stage = "pretrain" if pretraining else tracking.stage_name("finetune", exp.name, seed)
-    out_dir = base_dir(study) if pretraining else finetune_dir(study, exp.name, seed)
+    stage = "pretrain" if pretraining else trial.stage if trial else tracking.stage_name("finetune", exp.name, seed)
+    out_dir = base_dir(study) if pretraining else trial.out_dir if trial else finetune_dir(study, exp.name, seed)
     resume_dir = study.root / "build" / "resume" / stage
     L.seed_everything(seed, workers=True, verbose=False)
 
@@ -149,6 +170,7 @@ def train(study: Study, experiment: Experiment | None = None, seed: int | None =
     }
     if base_sha:
         tags["base_checkpoint_sha256"] = base_sha
+    tags.update(trial.tags if trial else {})
     logger = MLFlowLogger(
         experiment_name=tracking.MLFLOW_EXPERIMENT, run_name=stage, tracking_uri=tracking.tracking_uri(root),
         tags=tags, run_id=state.get("run_id") if resuming else None,
@@ -160,22 +182,27 @@ def train(study: Study, experiment: Experiment | None = None, seed: int | None =
         tracking.close_stale_runs(root, stage, keep=run_id)
         logger.log_hyperparams({**tracking.flatten(p.model_dump()), **tracking.flatten(exp.model_dump(), "exp."),
                                 "seed": seed, "n_params": parameter_count(model), "seq_len": seq_len,
-                                **({} if pretraining else tracking.flatten(p.passkey.model_dump(include=set(PASSKEY_TRAINING_KEYS)), "passkey."))})
+                                **({} if pretraining else tracking.flatten(p.passkey.model_dump(include=set(PASSKEY_TRAINING_KEYS)), "passkey.")),
+                                **(tracking.flatten(optim.model_dump(), "finetune.") | trial.params if trial else {})})
 
     cfg = p.trainer
     ckpt = ModelCheckpoint(dirpath=resume_dir, every_n_train_steps=cfg.checkpoint_every_n_steps, save_last=True,
                            save_top_k=0, enable_version_counter=False)
     trainer = L.Trainer(
         **resolve_trainer(cfg, learned_rope=any(True for _ in model.rope.parameters())),
-        max_steps=optim.steps, logger=logger, callbacks=[ckpt], log_every_n_steps=cfg.log_every_n_steps,
-        val_check_interval=min(cfg.val_every_n_steps, optim.steps), limit_val_batches=cfg.val_batches,
+        max_steps=optim.steps, logger=logger, callbacks=[ckpt, *(trial.callbacks if trial else [])],
+        log_every_n_steps=cfg.log_every_n_steps,
+        val_check_interval=trial.val_every_n_steps if trial else min(cfg.val_every_n_steps, optim.steps),
+        limit_val_batches=1.0 if trial else cfg.val_batches,
         num_sanity_val_steps=0, enable_progress_bar=False, enable_model_summary=False, default_root_dir=resume_dir,
     )
-    lit = LitDecoder(model, optim, seed, exp.position_sampling)
+    lit = LitDecoder(model, optim, seed, exp.position_sampling, val_by_length=trial is not None)
     dm = TokenDataModule(data_dir(study), seq_len, optim.batch_size,
                          train_samples=optim.steps * optim.batch_size * trainer.world_size,
-                         val_windows=cfg.val_batches * optim.batch_size, seed=seed, num_workers=cfg.num_workers,
-                         passkey=(fmt, p.passkey.train_fraction) if mixing else None)
+                         val_windows=trial.val_windows if trial else cfg.val_batches * optim.batch_size, seed=seed,
+                         num_workers=cfg.num_workers, passkey=(fmt, p.passkey.train_fraction) if mixing else None,
+                         val_lengths=trial.val_lengths if trial else None,
+                         val_batch_size=trial.val_batch_size if trial else None)
     started = time.perf_counter()
     trainer.fit(lit, dm, ckpt_path=str(last) if resuming else None)
     seconds = time.perf_counter() - started

@@ -15,7 +15,7 @@ from clex.pipeline import write
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = Path(__file__).with_name("tiny_params.yaml")
-STUDY_FILES = ["clex", "experiments", "ablations", "dvc.yaml", ".dvc/config", ".dvcignore", "pyproject.toml"]
+STUDY_FILES = ["clex", "experiments", "ablations", "analysis", "dvc.yaml", ".dvc/config", ".dvcignore", "pyproject.toml"]
 
 
 def make_study(dest: Path, params: dict | None = None) -> Path:
@@ -60,3 +60,13 @@ def trained_study(tmp_path_factory) -> Path:
     run(study, "clex", "prepare")
     run(study, "clex", "pretrain")
     return study
+
+
+@pytest.fixture(scope="session")
+def repro_study(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """A tiny study after `dvc repro ablations/discrete_vs_continuous` (the real pipeline), and that command's
+    output. Shared by the end-to-end test (which adds more stages), the MLflow server test and the
+    notebook tests, which read its store; tests that add runs must not assume they are the only ones."""
+    study = make_study(tmp_path_factory.mktemp("repro"))
+    return study, run(study, "dvc", "repro", "ablations/discrete_vs_continuous")
+

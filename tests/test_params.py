@@ -28,6 +28,9 @@ BAD = [
     ("experiments/clex.yaml", "reuse", "naive_ft", ["rope.type", "'clex'", "cannot reuse", "'dynamic_ntk'"]),
     ("experiments/dynamic_ntk.yaml", "reuse", "clex", ["reuse: 'clex'", "rope.type 'clex'", "plain rope.type 'rope'"]),
     ("experiments/streaming.yaml", "reuse", "pi", ["reuse: 'pi'", "plain rope.type 'rope'"]),
+    ("params.yaml", "sweep.t_max", [8, 4], ["sweep.t_max", "[8, 4]", "[low, high]"]),
+    ("params.yaml", "sweep.experiment", "pi", ["sweep.experiment", "'pi'", "not a CLEX experiment", "clex_discrete"]),
+    ("params.yaml", "sweep.val_every_n_steps", 2, ["sweep.val_every_n_steps", "does not divide finetune.steps=3"]),
 ]
 
 
