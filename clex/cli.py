@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from clex.config import ParamsError, Study, load_study
+from clex.notebooks import NotebookError
 
 
 def _validate(study: Study, args) -> None:
@@ -154,6 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     except ParamsError as e:
         print(f"clex {args.command}: invalid parameters\n{e}", file=sys.stderr)
         return 2
+    except NotebookError as e:  # a notebook raised: its name, cell and error, and where the executed copy is
+        print(f"clex {args.command}: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

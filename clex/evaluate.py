@@ -113,11 +113,12 @@ def evaluate(study: Study, experiment: str, seed: int | None = None) -> Path:
             for depth, d in r["by_depth"].items():
                 mlflow.log_metric(f"passkey_acc_{n}_depth{depth}", d["digit_acc"])
         record["run_id"] = run.info.run_id
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(".tmp")
+        tmp = out.parent / ".partial" / out.name  # the artifact keeps the output's name; moved into place last
+        tmp.parent.mkdir(parents=True, exist_ok=True)
         tmp.write_text(json.dumps(record, indent=2))
         mlflow.log_artifact(str(tmp), artifact_path="eval")
         if exp.reuse is None:  # a reused checkpoint's table is the other experiment's, logged by its own run
             mlflow.log_artifact(str(src / "frequencies.json"))
         tmp.rename(out)
+        tmp.parent.rmdir()
     return out

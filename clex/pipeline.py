@@ -80,6 +80,7 @@ def stages(study: Study) -> dict:
         },
     }
     s[f"sweeps/{study.params.sweep.name}"] = _sweep_stage(study, model, trainer)
+    reports = []
     for name, ab in sorted(study.ablations.items()):
         folder = f"reports/{name}"
         s[f"ablations/{name}"] = {
@@ -91,6 +92,13 @@ def stages(study: Study) -> dict:
             "metrics": [{f"{folder}/metrics.json": {"cache": False}}],
             "plots": [{f"{folder}/ppl_by_length.csv": {"x": "length", "y": "ppl", "cache": False}}],
         }
+        reports.append(f"{folder}/metrics.json")
+    s["analysis"] = {  # the notebooks read the MLflow store; these deps rerun them when a recorded result changes
+        "cmd": "clex notebooks",
+        "deps": ["analysis", "clex/analysis.py", "clex/notebooks.py", "clex/report.py"] + reports
+        + [f"reports/sweeps/{study.params.sweep.name}/metrics.json"],
+        "outs": ["reports/analysis"],
+    }
     return s
 
 

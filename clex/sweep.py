@@ -295,11 +295,18 @@ def run_sweep(study: Study, workers: int | None = None) -> Path:
     if workers == 1:
         work(study)
     else:
+        import torch
+
         ctx = multiprocessing.get_context("spawn")
         threads = max(1, (os.cpu_count() or 1) // workers)
+        gpus = torch.cuda.device_count() if "CUDA_VISIBLE_DEVICES" not in os.environ else 0
         procs = [ctx.Process(target=_spawned_worker, args=(str(study.root), i, threads)) for i in range(workers)]
-        for proc in procs:
+        for i, proc in enumerate(procs):
+            if gpus > 1:  # one GPU per worker, round robin (the environment is copied when the process starts)
+                os.environ["CUDA_VISIBLE_DEVICES"] = str(i % gpus)
             proc.start()
+        if gpus > 1:
+            del os.environ["CUDA_VISIBLE_DEVICES"]
         for proc in procs:
             proc.join()
         failed = [i for i, proc in enumerate(procs) if proc.exitcode]

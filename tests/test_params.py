@@ -96,6 +96,9 @@ def test_dvc_graph_has_every_ablation_stage():
     assert {f"finetune@{e}-{s}" for e in study.trained() for s in seeds} <= names
     assert {f"evaluate@{e}-{s}" for e in study.params.experiments for s in seeds} <= names
     assert not {n for n in names if n.startswith(("finetune@dynamic_ntk", "finetune@streaming"))}  # reuse naive_ft
+    assert f"sweeps/{study.params.sweep.name}" in names and "analysis" in names
+    analysis = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["analysis"]
+    assert {f"reports/{a}/metrics.json" for a in study.ablations} <= set(analysis["deps"])  # every ablation feeds it
 
 
 def test_experiment_extends_merges_and_rejects_bad_parents(tmp_path):

@@ -3,9 +3,12 @@ pruning, resumption, several workers on one storage, and the best trial as an ex
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import mlflow
@@ -100,7 +103,7 @@ def test_dvc_stage_records_trials_prunes_and_resumes(sweep_study):
     _write(study, _params(sampler="random", startup_trials=1, trials=9, t_max=[2, 8]))
     proc = run(study, "clex", "sweep", check=False)
     assert proc.returncode == 2
-    assert "sweep.name: 'ode_width_tmax' already holds a study" in proc.stderr and "sweep" in proc.stderr
+    assert "sweep.name: 'ode_width_tmax' already holds a study" in proc.stderr and "(sweep differ)" in proc.stderr
     assert len(_optuna(study, name).trials) == 8
     _write(study, _params(sampler="random", startup_trials=1))
 
@@ -127,8 +130,6 @@ def test_workers_share_one_storage_without_losing_a_trial(sweep_study):
     _write(study, _params(name=name, trials=5, sampler="random", startup_trials=5))
     env_run = [str(Path(sys.executable).parent / "clex"), "sweep"]
     try:
-        import os
-
         env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{study / 'mlflow.db'}", "OMP_NUM_THREADS": "1"}
         procs = [subprocess.Popen(env_run + extra, cwd=study, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                   text=True) for extra in (["--workers", "2"], [])]
@@ -152,10 +153,6 @@ def test_workers_share_one_storage_without_losing_a_trial(sweep_study):
 def test_rerun_retries_the_trial_of_a_killed_worker(sweep_study):
     """SIGKILL a worker mid-trial; the rerun fails that trial once its heartbeat is stale, closes its MLflow
     run, and runs it again with the same parameters."""
-    import os
-    import signal
-    import time
-
     study, name = sweep_study, "killed"
     params = _params(name=name, trials=2, sampler="random", startup_trials=2, val_every_n_steps=100)
     params["finetune"]["steps"] = 300
@@ -164,11 +161,8 @@ def test_rerun_retries_the_trial_of_a_killed_worker(sweep_study):
     try:
         proc = subprocess.Popen([str(Path(sys.executable).parent / "clex"), "sweep"], cwd=study, env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        deadline = time.time() + 120
-        while time.time() < deadline and proc.poll() is None:
-            client, _, trials = _mlflow_runs(study, name) if (study / "build/sweeps/killed.db").exists() else (0, 0, [])
-            if trials:
-                break
+        deadline = time.time() + 120  # wait until the first trial's run exists, then a little into its training
+        while time.time() < deadline and proc.poll() is None and not _mlflow_runs(study, name)[2]:
             time.sleep(0.5)
         time.sleep(2)
         assert proc.poll() is None, "the trial ended before it could be killed"
