@@ -154,7 +154,7 @@ def open_study(study: Study, worker: int = 0) -> tuple[optuna.Study, str]:
     if stored != wanted:
         changed = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
         raise ParamsError(
-            f"sweep.name: {cfg.name!r} already holds a study in {_redacted(storage_url(study))} run with other "
+            f"sweep.name: {cfg.name!r} already holds a study in {_redacted(storage_url(study))} with other "
             f"settings ({', '.join(changed)} differ); allowed: the same settings (only sweep.trials, sweep.workers "
             "and sweep.storage may change), a new sweep.name, or deleting that study")
     # a fresh seed per worker and per resumption: no two workers draw the same random start-up trials
@@ -163,6 +163,8 @@ def open_study(study: Study, worker: int = 0) -> tuple[optuna.Study, str]:
 
 
 def _create_parent_run(study: Study) -> str:
+    from mlflow.entities import Param
+
     cfg, root = study.params.sweep, study.root
     c = tracking.client(root)
     run = c.create_run(tracking.experiment_id(root), run_name=f"sweeps/{cfg.name}", tags={
@@ -174,8 +176,7 @@ def _create_parent_run(study: Study) -> str:
         space["space.lr"] = str(cfg.lr)
     params = {**tracking.flatten(cfg.model_dump(exclude={"storage"}), "sweep."),
               **tracking.flatten(study.params.finetune.model_dump(), "finetune."), **space}
-    for k, v in params.items():
-        c.log_param(run.info.run_id, k, v)
+    c.log_batch(run.info.run_id, params=[Param(k, v) for k, v in params.items()])
     return run.info.run_id
 
 
@@ -186,12 +187,14 @@ def _trial_run_id(root: Path, sweep: str, number: int) -> str | None:
     return runs[0].info.run_id if runs else None
 
 
-def _close_trial_run(root: Path, sweep: str, number: int, state: str, status: str) -> None:
+def _close_trial_run(root: Path, sweep: str, number: int, state: str, status: str) -> str | None:
+    """Tag a trial's MLflow run with its final state and end it; returns its id (None if it was never created)."""
     run_id = _trial_run_id(root, sweep, number)
     if run_id is not None:
         c = tracking.client(root)
         c.set_tag(run_id, "state", state)
         c.set_terminated(run_id, status=status)
+    return run_id
 
 
 def trial_experiment(study: Study, number: int, ode_width: int, t_max: int) -> Experiment:
@@ -225,11 +228,11 @@ def objective(study: Study, parent: str):
             callbacks=[StepPruning(trial, monitor="val_ppl")])
         try:
             out = train(study, trial_experiment(study, trial.number, ode_width, t_max), cfg.seed, spec)
-        except optuna.TrialPruned:
-            _close_trial_run(root, cfg.name, trial.number, "pruned", "FINISHED")
-            raise
-        except BaseException:
-            _close_trial_run(root, cfg.name, trial.number, "failed", "FAILED")
+        except BaseException as e:
+            state, status = ("pruned", "FINISHED") if isinstance(e, optuna.TrialPruned) else ("failed", "FAILED")
+            run_id = _close_trial_run(root, cfg.name, trial.number, state, status)
+            if run_id is not None:
+                trial.set_user_attr("mlflow_run_id", run_id)
             raise
         finally:
             shutil.rmtree(root / "build" / "resume" / stage, ignore_errors=True)
@@ -316,7 +319,8 @@ def run_sweep(study: Study, workers: int | None = None) -> Path:
 
 
 def trials_frame(st: optuna.Study):
-    """One row per trial: number, state, parameters, value, last reported step, seconds, MLflow run."""
+    """One row per trial: number, state, parameters, value (for a pruned trial: its last reported
+    intermediate value, Optuna's convention), last reported step, seconds, MLflow run."""
     import pandas as pd
 
     rows = []

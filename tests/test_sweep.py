@@ -33,8 +33,8 @@ def _write(study: Path, params: dict) -> None:
     (study / "params.yaml").write_text(yaml.safe_dump(params))
 
 
-def _optuna(study: Path, name: str) -> optuna.Study:
-    return optuna.load_study(study_name=name, storage=f"sqlite:///{study / 'build/sweeps' / name}.db")
+def _optuna(study: Path, name: str, storage: str | None = None) -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=storage or f"sqlite:///{study / 'build/sweeps' / name}.db")
 
 
 def _mlflow_runs(study: Path, name: str) -> tuple[mlflow.MlflowClient, list, list]:
@@ -96,6 +96,8 @@ def test_dvc_stage_records_trials_prunes_and_resumes(sweep_study):
     assert sorted(int(r.data.tags["trial_number"]) for r in pruned) == [6, 7]
     assert all(r.info.status == "FINISHED" and r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in pruned)
     assert all([m.step for m in client.get_metric_history(r.info.run_id, "val_ppl")] == [1] for r in pruned)
+    assert [t.user_attrs["mlflow_run_id"] for t in st.trials[6:]] == [
+        next(r.info.run_id for r in pruned if r.data.tags["trial_number"] == str(t.number)) for t in st.trials[6:]]
     metrics = json.loads((study / f"reports/sweeps/{name}/metrics.json").read_text())
     assert (metrics["trials_pruned"], metrics["pruned_share"], metrics["best_value"]) == (2, 0.25, 1.0)
 
@@ -125,9 +127,10 @@ def test_best_trial_yaml_is_an_experiment_the_pipeline_trains(sweep_study, tmp_p
 
 
 def test_workers_share_one_storage_without_losing_a_trial(sweep_study):
-    """Two commands at once on one sqlite storage, one of them with two worker processes: three writers."""
+    """Two commands at once on one sqlite storage given by URL, one of them with two worker processes: three writers."""
     study, name = sweep_study, "parallel"
-    _write(study, _params(name=name, trials=5, sampler="random", startup_trials=5))
+    storage = f"sqlite:///{study / 'shared' / 'optuna.db'}"  # any SQLAlchemy URL; sqlite is what this machine has
+    _write(study, _params(name=name, trials=5, sampler="random", startup_trials=5, storage=storage))
     env_run = [str(Path(sys.executable).parent / "clex"), "sweep"]
     try:
         env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{study / 'mlflow.db'}", "OMP_NUM_THREADS": "1"}
@@ -138,7 +141,8 @@ def test_workers_share_one_storage_without_losing_a_trial(sweep_study):
         assert "database is locked" not in "".join(outputs)
     finally:
         _write(study, _params(sampler="random", startup_trials=1))
-    st = _optuna(study, name)
+    st = _optuna(study, name, storage)
+    assert not (study / "build/sweeps/parallel.db").exists()
     states = [t.state for t in st.trials]
     assert states.count(TrialState.COMPLETE) >= 5 and TrialState.FAIL not in states and TrialState.RUNNING not in states
     client, parents, trials = _mlflow_runs(study, name)
