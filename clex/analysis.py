@@ -53,6 +53,11 @@ def latest_per_stage(df: pd.DataFrame) -> pd.DataFrame:
     return done.sort_values(["start_time", "run_id"]).drop_duplicates("tags.dvc_stage", keep="last")
 
 
+def _col(df: pd.DataFrame, name: str) -> pd.Series:
+    """Column `name` of a search_runs frame, or all None when no run logged it (search_runs omits the column)."""
+    return df[name] if name in df else pd.Series([None] * len(df), index=df.index, dtype=object)
+
+
 def stage_runs(uri: str, role: str) -> pd.DataFrame:
     """The latest FINISHED run per stage of one role ('evaluate', 'finetune'): run_id, experiment, seed (int),
     start_time, and the recorded params the analyses need (train_len, d_model, n_heads, rope_base, rope_type, t_max)."""
@@ -61,8 +66,7 @@ def stage_runs(uri: str, role: str) -> pd.DataFrame:
             "params.model.train_len": "train_len", "params.model.d_model": "d_model",
             "params.model.n_heads": "n_heads", "params.model.rope_base": "rope_base",
             "params.exp.rope.type": "rope_type", "params.exp.rope.t_max": "t_max"}
-    out = pd.DataFrame({new: df[old] if old in df else pd.Series([None] * len(df), index=df.index, dtype=object)
-                        for old, new in cols.items()})
+    out = pd.DataFrame({new: _col(df, old) for old, new in cols.items()})
     out["seed"] = out.seed.astype(int)
     return out.sort_values(["experiment", "seed"]).reset_index(drop=True)
 
@@ -313,10 +317,6 @@ def sweep_runs(uri: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(parents, trials) of every recorded sweep: parent runs have tags.role = 'sweep'; trials role = 'sweep_trial',
     nested under their parent (tags.mlflow.parentRunId). Both empty when no sweep was recorded."""
     return runs(uri, "sweep"), runs(uri, "sweep_trial")
-
-
-def _col(df: pd.DataFrame, name: str) -> pd.Series:
-    return df[name] if name in df else pd.Series([None] * len(df), index=df.index, dtype=object)
 
 
 def trial_table(trials: pd.DataFrame) -> pd.DataFrame:

@@ -599,9 +599,9 @@ def load_study(root: Path | str = ".", params_file: str = "params.yaml") -> Stud
                 f"{experiments[source].rope.type!r}; allowed: an experiment with plain rope.type 'rope'"
             )
     swept = params.sweep.experiment
-    if swept not in experiments or experiments[swept].rope.type != "clex" or experiments[swept].reuse is not None:
+    if swept not in experiments or experiments[swept].rope.type != "clex":  # (a clex experiment never reuses)
         raise ParamsError(f"{params_file}: sweep.experiment: {swept!r} is not a CLEX experiment; allowed: "
-                          f"{sorted(n for n, e in experiments.items() if e.rope.type == 'clex' and e.reuse is None)}")
+                          f"{sorted(n for n, e in experiments.items() if e.rope.type == 'clex')}")
     ablations = {}
     for p in sorted((root / "ablations").glob("*/ablation.yaml")):
         source = str(p.relative_to(root))

@@ -32,6 +32,12 @@ def _items(study: Study, experiments: list[str]) -> dict:
 
 def stages(study: Study) -> dict:
     model, trainer = _keys("model", ModelConfig), _keys("trainer", TrainerConfig)
+    # what every fine-tune from the base model reads: a finetune stage's and the sweep's trials
+    def finetune_deps(experiment_json: str) -> list[str]:
+        return ["build/validated", "build/data", "build/base", experiment_json, "clex/passkey.py"] + TRAIN_CODE
+
+    finetune_params = (model + _keys("finetune", FinetuneConfig, exclude=("seeds",)) + trainer
+                       + [f"passkey.{k}" for k in PASSKEY_TRAINING_KEYS])
     s = {
         "validate": {
             "cmd": "clex validate",
@@ -61,10 +67,8 @@ def stages(study: Study) -> dict:
             "foreach": _items(study, study.trained()),
             "do": {
                 "cmd": "clex finetune ${item.experiment} --seed ${item.seed}",
-                "deps": ["build/validated", "build/data", "build/base", "build/experiments/${item.experiment}.json",
-                         "clex/passkey.py"] + TRAIN_CODE,
-                "params": model + _keys("finetune", FinetuneConfig, exclude=("seeds",)) + trainer
-                + [f"passkey.{k}" for k in PASSKEY_TRAINING_KEYS],
+                "deps": finetune_deps("build/experiments/${item.experiment}.json"),
+                "params": finetune_params,
                 "outs": ["build/finetune/${item.experiment}/seed${item.seed}"],
             },
         },
@@ -79,7 +83,7 @@ def stages(study: Study) -> dict:
             },
         },
     }
-    s[f"sweeps/{study.params.sweep.name}"] = _sweep_stage(study, model, trainer)
+    s[f"sweeps/{study.params.sweep.name}"] = _sweep_stage(study, finetune_deps, finetune_params)
     reports = []
     for name, ab in sorted(study.ablations.items()):
         folder = f"reports/{name}"
@@ -102,7 +106,7 @@ def stages(study: Study) -> dict:
     return s
 
 
-def _sweep_stage(study: Study, model: list[str], trainer: list[str]) -> dict:
+def _sweep_stage(study: Study, finetune_deps, finetune_params: list[str]) -> dict:
     """`clex sweep`: its default sqlite storage persists across reruns (the study continues; DVC must not
     delete it), the best trial's experiment YAML is its output, the trial counts its DVC metrics."""
     cfg = study.params.sweep
@@ -112,10 +116,8 @@ def _sweep_stage(study: Study, model: list[str], trainer: list[str]) -> dict:
         outs.append({f"build/sweeps/{cfg.name}.db": {"cache": False, "persist": True}})
     return {
         "cmd": "clex sweep",
-        "deps": ["build/validated", "build/data", "build/base", f"build/experiments/{cfg.experiment}.json",
-                 "clex/sweep.py", "clex/passkey.py"] + TRAIN_CODE,
-        "params": ["sweep"] + model + _keys("finetune", FinetuneConfig, exclude=("seeds",)) + trainer
-        + [f"passkey.{k}" for k in PASSKEY_TRAINING_KEYS] + ["eval.batch_size"],
+        "deps": finetune_deps(f"build/experiments/{cfg.experiment}.json") + ["clex/sweep.py"],
+        "params": ["sweep"] + finetune_params + ["eval.batch_size"],
         "outs": outs,
         "metrics": [{f"{folder}/metrics.json": {"cache": False}}],
     }

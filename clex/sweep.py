@@ -207,7 +207,7 @@ def trial_experiment(study: Study, number: int, ode_width: int, t_max: int) -> E
 
 def objective(study: Study, parent: str):
     """The function Optuna calls per trial: fine-tune with the trial's λ and t_max, return the objective."""
-    from clex.train import TrialRun, train
+    from clex.train import RunSpec, train
 
     p, cfg, root = study.params, study.params.sweep, study.root
 
@@ -218,7 +218,7 @@ def objective(study: Study, parent: str):
         if cfg.lr is not None:
             optim = optim.model_copy(update={"lr": trial.suggest_float("lr", *cfg.lr, log=True)})
         stage = f"sweeps/{cfg.name}/trial{trial.number}"
-        spec = TrialRun(
+        spec = RunSpec(
             stage=stage, out_dir=sweep_dir(study) / f"trial{trial.number}", optim=optim,
             val_lengths=[m * p.model.train_len for m in cfg.val_multipliers], val_windows=cfg.val_windows,
             val_batch_size=p.eval.batch_size, val_every_n_steps=cfg.val_every_n_steps,
@@ -247,24 +247,23 @@ def objective(study: Study, parent: str):
     return run
 
 
-def work(study: Study, worker: int = 0) -> None:
-    """One worker: run trials until the study holds `sweep.trials` finished ones.
+def work(study: Study, st: optuna.Study, parent: str) -> None:
+    """One worker on an opened study: run trials until it holds `sweep.trials` finished ones.
 
     A worker whose peers are still running the last trials waits for them, so it can take over a trial
-    that fails or whose worker dies (its heartbeat stops; it is then queued again).
+    that fails or whose worker dies (its heartbeat stops; it is then queued again, WAITING).
     """
     cfg = study.params.sweep
-    st, parent = open_study(study, worker)
     run = objective(study, parent)
     failures = 0
     while True:
         optuna.storages.fail_stale_trials(st)
         trials = st.get_trials(deepcopy=False)
         done = sum(t.state in DONE for t in trials)
-        busy = sum(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in trials)
         if done >= cfg.trials:
             return
-        if done + busy >= cfg.trials and not any(t.state == TrialState.WAITING for t in trials):
+        waiting = any(t.state == TrialState.WAITING for t in trials)
+        if not waiting and done + sum(t.state == TrialState.RUNNING for t in trials) >= cfg.trials:
             time.sleep(HEARTBEAT_S / 2)
             continue
         before = len(trials)
@@ -280,7 +279,8 @@ def _spawned_worker(root: str, worker: int, threads: int) -> None:
     import torch
 
     torch.set_num_threads(threads)
-    work(load_study(Path(root)), worker)
+    study = load_study(Path(root))
+    work(study, *open_study(study, worker))
 
 
 def run_sweep(study: Study, workers: int | None = None) -> Path:
@@ -296,7 +296,7 @@ def run_sweep(study: Study, workers: int | None = None) -> Path:
     st, parent = open_study(study)
     tracking.client(study.root).update_run(parent, status="RUNNING")
     if workers == 1:
-        work(study)
+        work(study, st, parent)
     else:
         import torch
 
@@ -369,7 +369,7 @@ def write_outputs(study: Study, st: optuna.Study, parent: str) -> Path:
 
 def best_yaml(study: Study, best: optuna.trial.FrozenTrial, parent: str) -> str:
     """The best trial as an experiment YAML: `extends` the swept experiment and sets λ and t_max."""
-    cfg, p = study.params.sweep, study.params
+    cfg = study.params.sweep
     lengths = ", ".join(f"{m}×L" for m in cfg.val_multipliers)
     header = [
         f"# Best trial of Optuna study '{cfg.name}' ({_redacted(storage_url(study))}): trial {best.number},",

@@ -106,21 +106,42 @@ def resolve_trainer(cfg: TrainerConfig, learned_rope: bool) -> dict:
 
 
 @dataclass(frozen=True)
-class TrialRun:
-    """How a sweep trial's fine-tune differs from a pipeline fine-tune: its own stage name, output folder,
-    optimiser settings, extra MLflow tags and params, callbacks (pruning), and validation at several
-    lengths (`val_ppl_<n>` and their mean `val_ppl`, every `val_every_n_steps`) instead of `val_loss` at L."""
+class RunSpec:
+    """What distinguishes one training run: its stage name, output folder, optimiser settings, validation
+    and extras. The pipeline's stages take theirs from `stage_run`; a sweep trial (clex/sweep.py) sets its own
+    stage and folder, extra MLflow tags and params, callbacks (pruning), and validation at several lengths
+    (`val_lengths`: `val_ppl_<n>` and their mean `val_ppl`) instead of `val_loss` at the training length."""
 
     stage: str
     out_dir: Path
     optim: OptimConfig
-    val_lengths: list[int]
     val_windows: int
-    val_batch_size: int
     val_every_n_steps: int
+    val_lengths: list[int] | None = None
+    val_batch_size: int | None = None  # None: optim.batch_size
     tags: dict = field(default_factory=dict)
     params: dict = field(default_factory=dict)
     callbacks: list = field(default_factory=list)
+
+
+def stage_run(study: Study, experiment: Experiment | None, seed: int | None) -> RunSpec:
+    """The pretrain stage's (experiment None) or a finetune stage's run: `trainer.val_batches` batches of
+    validation windows at the training length every `trainer.val_every_n_steps` steps."""
+    p = study.params
+    if experiment is None:
+        stage, out_dir, optim = "pretrain", base_dir(study), p.pretrain
+    else:
+        stage = tracking.stage_name("finetune", experiment.name, seed)
+        out_dir, optim = finetune_dir(study, experiment.name, seed), p.finetune
+    return RunSpec(stage, out_dir, optim, val_windows=p.trainer.val_batches * optim.batch_size,
+                   val_every_n_steps=min(p.trainer.val_every_n_steps, optim.steps))
+
+
+def finetune_params(passkey, optim: OptimConfig) -> dict[str, str]:
+    """The MLflow params a fine-tune adds to the study's: its passkey mix and its optimiser settings (a sweep
+    trial's may differ from params.yaml's `finetune`, whose keys they replace)."""
+    return {**tracking.flatten(passkey.model_dump(include=set(PASSKEY_TRAINING_KEYS)), "passkey."),
+            **tracking.flatten(optim.model_dump(), "finetune.")}
 
 
 def _config_hash(*parts) -> str:
@@ -128,17 +149,16 @@ def _config_hash(*parts) -> str:
 
 
 def train(study: Study, experiment: Experiment | None = None, seed: int | None = None,
-          trial: TrialRun | None = None) -> Path:
-    """Run the pretrain stage (experiment None), one finetune run, or a sweep trial's fine-tune (`trial`);
-    returns its output directory."""
+          run: RunSpec | None = None) -> Path:
+    """Run the pretrain stage (experiment None), one finetune stage, or, with `run`, a fine-tune set up by
+    the caller (a sweep trial); returns its output directory."""
     p = study.params
     pretraining = experiment is None
     exp = PLAIN if pretraining else experiment
     seed = p.pretrain.seed if pretraining else seed
-    optim = p.pretrain if pretraining else trial.optim if trial else p.finetune
+    run = run or stage_run(study, experiment, seed)
+    optim, stage, out_dir = run.optim, run.stage, run.out_dir
     seq_len = p.model.train_len * (1 if pretraining else p.finetune.seq_len_factor)
-    stage = "pretrain" if pretraining else trial.stage if trial else tracking.stage_name("finetune", exp.name, seed)
-    out_dir = base_dir(study) if pretraining else trial.out_dir if trial else finetune_dir(study, exp.name, seed)
     resume_dir = study.root / "build" / "resume" / stage
     L.seed_everything(seed, workers=True, verbose=False)
 
@@ -170,7 +190,7 @@ def train(study: Study, experiment: Experiment | None = None, seed: int | None =
     }
     if base_sha:
         tags["base_checkpoint_sha256"] = base_sha
-    tags.update(trial.tags if trial else {})
+    tags.update(run.tags)
     logger = MLFlowLogger(
         experiment_name=tracking.MLFLOW_EXPERIMENT, run_name=stage, tracking_uri=tracking.tracking_uri(root),
         tags=tags, run_id=state.get("run_id") if resuming else None,
@@ -182,27 +202,23 @@ def train(study: Study, experiment: Experiment | None = None, seed: int | None =
         tracking.close_stale_runs(root, stage, keep=run_id)
         logger.log_hyperparams({**tracking.flatten(p.model_dump()), **tracking.flatten(exp.model_dump(), "exp."),
                                 "seed": seed, "n_params": parameter_count(model), "seq_len": seq_len,
-                                **({} if pretraining else tracking.flatten(p.passkey.model_dump(include=set(PASSKEY_TRAINING_KEYS)), "passkey.")),
-                                **(tracking.flatten(optim.model_dump(), "finetune.") | trial.params if trial else {})})
+                                **({} if pretraining else finetune_params(p.passkey, optim)), **run.params})
 
     cfg = p.trainer
     ckpt = ModelCheckpoint(dirpath=resume_dir, every_n_train_steps=cfg.checkpoint_every_n_steps, save_last=True,
                            save_top_k=0, enable_version_counter=False)
     trainer = L.Trainer(
         **resolve_trainer(cfg, learned_rope=any(True for _ in model.rope.parameters())),
-        max_steps=optim.steps, logger=logger, callbacks=[ckpt, *(trial.callbacks if trial else [])],
-        log_every_n_steps=cfg.log_every_n_steps,
-        val_check_interval=trial.val_every_n_steps if trial else min(cfg.val_every_n_steps, optim.steps),
-        limit_val_batches=1.0 if trial else cfg.val_batches,
+        max_steps=optim.steps, logger=logger, callbacks=[ckpt, *run.callbacks], log_every_n_steps=cfg.log_every_n_steps,
+        val_check_interval=run.val_every_n_steps, limit_val_batches=1.0,  # run.val_windows sets the validation set
         num_sanity_val_steps=0, enable_progress_bar=False, enable_model_summary=False, default_root_dir=resume_dir,
     )
-    lit = LitDecoder(model, optim, seed, exp.position_sampling, val_by_length=trial is not None)
+    lit = LitDecoder(model, optim, seed, exp.position_sampling, val_by_length=run.val_lengths is not None)
     dm = TokenDataModule(data_dir(study), seq_len, optim.batch_size,
                          train_samples=optim.steps * optim.batch_size * trainer.world_size,
-                         val_windows=trial.val_windows if trial else cfg.val_batches * optim.batch_size, seed=seed,
-                         num_workers=cfg.num_workers, passkey=(fmt, p.passkey.train_fraction) if mixing else None,
-                         val_lengths=trial.val_lengths if trial else None,
-                         val_batch_size=trial.val_batch_size if trial else None)
+                         val_windows=run.val_windows, seed=seed, num_workers=cfg.num_workers,
+                         passkey=(fmt, p.passkey.train_fraction) if mixing else None,
+                         val_lengths=run.val_lengths, val_batch_size=run.val_batch_size)
     started = time.perf_counter()
     trainer.fit(lit, dm, ckpt_path=str(last) if resuming else None)
     seconds = time.perf_counter() - started
