@@ -6,3 +6,4 @@ cd "$(dirname "$0")/.."
 python benchmarks/step_time.py --steps 40 --json build/benchmarks/step_time.json
 python benchmarks/ode_solver.py
 python benchmarks/inference.py
+python benchmarks/generate.py

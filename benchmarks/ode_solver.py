@@ -71,7 +71,7 @@ def build(study, spec: SolverSpec, weights_from: Path | None) -> tuple[Continuou
     exp = study.experiment("clex")
     m = study.params.model
     clex = ContinuousClex(m.head_dim, m.rope_base, m.train_len, exp.rope.t_max, width=exp.rope.ode_width,
-                          act=exp.rope.act, constant_term=exp.rope.constant_term, **spec.model_dump())
+                          act=exp.rope.act, constant_term=exp.rope.constant_term, **spec.module_kwargs())
     return clex.train(), load_weights(clex, weights_from)
 
 

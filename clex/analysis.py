@@ -3,10 +3,13 @@
 Runs are read from experiment `clex-study` of the store at `store_uri(root, tracking_uri)`. A DVC stage that
 was rerun leaves one run per attempt under the same `tags.dvc_stage`; only the latest FINISHED run of each
 stage counts (`latest_per_stage`): it is the one whose outputs DVC holds, and failed or killed attempts are
-never numbers. Sweep trials count once per sweep × trial number, the latest run (`trial_table`).
+never numbers. An evaluation stage writes one run per protocol (`tags.eval_protocol`, the primary one tagged
+`eval_primary=true`), so evaluations count per stage × protocol (`eval_frame`). Sweep trials count once per
+sweep × trial number, the latest run (`trial_table`).
 
 Frames are long (one row per experiment × seed × length, or × step) so seaborn can draw them as they come;
-the tables reuse clex/report.py (the same t-CIs, bootstrap CIs and markdown as `clex report`).
+the tables reuse clex/report.py and the statistics clex/stats.py (the same t-intervals, sign-flip p-values
+and markdown as `clex report`).
 """
 from __future__ import annotations
 
@@ -19,10 +22,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from clex import report, tracking
+from clex import report, stats, tracking
 from clex.config import Ablation, Study
 
 NOT_RUN = "not run"
+ALL = "all"  # eval_frame(uri, ALL): every protocol's runs (the default is the primary protocol's)
 FLAT = 1e-5  # a profile whose spread over i is below this share of its size is flat (float32 θ rounds at ~1e-7)
 
 
@@ -46,11 +50,13 @@ def runs(uri: str, role: str | None = None) -> pd.DataFrame:
 
 
 def latest_per_stage(df: pd.DataFrame) -> pd.DataFrame:
-    """The latest FINISHED run of each `tags.dvc_stage` (ties broken by run id); runs without the tag are dropped."""
+    """The latest FINISHED run of each `tags.dvc_stage` × `tags.eval_protocol` (runs without a protocol tag:
+    of each stage; ties broken by run id); runs without a stage tag are dropped."""
     if df.empty or "tags.dvc_stage" not in df:
         return df.iloc[0:0]
     done = df[(df.status == "FINISHED") & df["tags.dvc_stage"].notna()]
-    return done.sort_values(["start_time", "run_id"]).drop_duplicates("tags.dvc_stage", keep="last")
+    keys = ["tags.dvc_stage"] + (["tags.eval_protocol"] if "tags.eval_protocol" in done else [])
+    return done.sort_values(["start_time", "run_id"]).drop_duplicates(keys, keep="last")  # NaN keys count as equal
 
 
 def _col(df: pd.DataFrame, name: str) -> pd.Series:
@@ -59,33 +65,68 @@ def _col(df: pd.DataFrame, name: str) -> pd.Series:
 
 
 def stage_runs(uri: str, role: str) -> pd.DataFrame:
-    """The latest FINISHED run per stage of one role ('evaluate', 'finetune'): run_id, experiment, seed (int),
-    start_time, and the recorded params the analyses need (train_len, d_model, n_heads, rope_base, rope_type, t_max)."""
+    """The latest FINISHED run per stage (and protocol) of one role ('evaluate', 'finetune'): run_id, stage,
+    experiment, seed (int), start_time, the recorded params the analyses need (train_len, d_model, n_heads,
+    rope_base, rope_type, t_max), and for evaluations protocol, primary (tag eval_primary; runs from before
+    it existed are their stage's only protocol, so primary) and listed (params eval.protocols, as logged)."""
     df = latest_per_stage(runs(uri, role))
-    cols = {"run_id": "run_id", "tags.experiment": "experiment", "tags.seed": "seed", "start_time": "start_time",
-            "params.model.train_len": "train_len", "params.model.d_model": "d_model",
+    cols = {"run_id": "run_id", "tags.dvc_stage": "stage", "tags.experiment": "experiment", "tags.seed": "seed",
+            "start_time": "start_time", "params.model.train_len": "train_len", "params.model.d_model": "d_model",
             "params.model.n_heads": "n_heads", "params.model.rope_base": "rope_base",
-            "params.exp.rope.type": "rope_type", "params.exp.rope.t_max": "t_max"}
+            "params.exp.rope.type": "rope_type", "params.exp.rope.t_max": "t_max",
+            "tags.eval_protocol": "protocol", "params.eval.protocols": "listed"}
     out = pd.DataFrame({new: _col(df, old) for old, new in cols.items()})
     out["seed"] = out.seed.astype(int)
+    out["primary"] = _col(df, "tags.eval_primary").fillna("true").astype(str).str.lower().eq("true")
     return out.sort_values(["experiment", "seed"]).reset_index(drop=True)
 
 
+def current_evaluations(evals: pd.DataFrame) -> pd.DataFrame:
+    """The evaluation runs of the latest attempt per stage: the newest primary run of each stage, and the
+    stage's runs of the other protocols that run lists in its `eval.protocols` param (a protocol dropped from
+    eval.protocols since, or an earlier primary, no longer counts). `evals`: a stage_runs('evaluate') frame."""
+    keep = []
+    for _, g in evals.groupby("stage", sort=False):
+        head = g[g.primary].sort_values(["start_time", "run_id"]).tail(1)
+        if head.empty:
+            continue
+        listed = head.listed.iloc[0]
+        names = set(ast.literal_eval(listed)) if isinstance(listed, str) else set(g.protocol)
+        keep.append(pd.concat([head, g[~g.primary & g.protocol.isin(names - set(head.protocol))]]))
+    return pd.concat(keep).sort_values(["experiment", "seed"]).reset_index(drop=True) if keep else evals.iloc[0:0]
+
+
 # ---------------------------------------------------------------------------- PPL and passkey by length
-def eval_frame(uri: str) -> pd.DataFrame:
-    """One row per evaluation run × length: experiment, seed, length, ppl, passkey_acc, passkey_exact,
-    depth<d> (passkey accuracy per needle depth), run_id, train_len; read exactly as `clex report` reads them."""
-    evals = stage_runs(uri, "evaluate")
+def eval_frame(uri: str, protocol: str | None = None) -> pd.DataFrame:
+    """One row per evaluation run × length: experiment, seed, protocol, length, ppl, val_ppl (when logged),
+    passkey_acc, passkey_exact and depth<d> (passkey accuracy per needle depth; primary runs only), run_id,
+    primary, train_len; read exactly as `clex report` reads them. `protocol`: None for each stage's primary
+    protocol (what the notebooks show unless told otherwise), a protocol name for that one, ALL for every one."""
+    evals = current_evaluations(stage_runs(uri, "evaluate"))
+    if protocol is None:
+        evals = evals[evals.primary]
+    elif protocol != ALL:
+        evals = evals[evals.protocol == protocol]
     c = _client(uri)
     records = []
     for r in evals.itertuples():
-        values, protocol = report.run_values(c, r.run_id)
+        values, tagged = report.run_values(c, r.run_id)
         lengths = sorted(values["ppl"])
         keys = [k for k in values if all(n in values[k] for n in lengths)]
-        records += [{**row, "run_id": r.run_id, "protocol": protocol, "train_len": int(r.train_len)}
-                    for row in report.rows(r.experiment, r.seed, values, lengths, keys)]
-    cols = ["experiment", "seed", "length", "ppl", "passkey_acc", "passkey_exact", "run_id", "protocol", "train_len"]
+        records += [{**row, "primary": r.primary, "train_len": int(r.train_len)}
+                    for row in report.rows(r.experiment, r.seed, tagged, r.run_id, values, lengths, keys)]
+    cols = ["experiment", "seed", "protocol", "length", "ppl", "val_ppl", "passkey_acc", "passkey_exact", "run_id",
+            "primary", "train_len"]
     return pd.DataFrame(records, columns=None if records else cols)
+
+
+def protocols_of(frame: pd.DataFrame) -> list[str]:
+    """The protocols in an eval_frame, as the report orders them: the primary one first, then by name."""
+    primary = sorted(set(frame[frame.primary].protocol))
+    if len(primary) > 1:
+        raise ValueError(f"runs name different primary protocols {primary}; the tables need one")
+    rest = sorted(set(frame.protocol) - set(primary))
+    return report.protocol_order(primary[0], rest) if primary else rest
 
 
 def _client(uri: str):
@@ -114,10 +155,11 @@ def _one(frame: pd.DataFrame, col: str, kind=int):
 
 
 def ppl_summary(frame: pd.DataFrame, col: str = "ppl") -> pd.DataFrame:
-    """Mean and 95 % t-CI half-width of `col` over seeds per experiment × length (report.mean_ci), with the seeds."""
-    rows = [{"experiment": e, "length": n, "mean": m, "half": h, "seeds": sorted(g.seed.tolist())}
-            for (e, n), g in frame.groupby(["experiment", "length"], sort=False)
-            for m, h in [report.mean_ci(g[col].tolist())]]
+    """Mean and 95 % t-interval half-width of `col` over seeds per protocol × experiment × length
+    (stats.mean_ci), with the seeds."""
+    rows = [{"protocol": p, "experiment": e, "length": n, "mean": m, "half": h, "seeds": sorted(g.seed.tolist())}
+            for (p, e, n), g in frame.groupby(["protocol", "experiment", "length"], sort=False)
+            for m, h in [stats.mean_ci(g[col].tolist())]]
     return pd.DataFrame(rows)
 
 
@@ -144,35 +186,32 @@ def ablation_frame(evals: pd.DataFrame, ab: Ablation) -> pd.DataFrame:
 
 
 def ablation_markdown(ab: Ablation, evals: pd.DataFrame) -> str:
-    """One ablation as markdown, with clex/report.py's tables: PPL by length (mean ± 95 % t-CI over seeds),
-    paired differences against the reference (bootstrap CIs, over the seeds every recorded experiment has),
-    the paper's numbers beside ours, and the MLflow run ids behind every number."""
+    """One ablation as markdown, with clex/report.py's tables for every protocol in `evals` (primary first):
+    test PPL by length (mean ± 95 % t-interval over seeds), the paper's numbers beside the protocol they were
+    measured with, paired differences against the reference (t-interval and sign-flip p, over the seeds every
+    recorded experiment has), validation PPL (when logged), and the MLflow run ids behind every number."""
     df = ablation_frame(evals, ab)
     present = [e for e in ab.experiments if e in set(df.experiment)]
     if not present:
         return f"## {ab.name}: {NOT_RUN}\n\nNo evaluation run of {ab.experiments} in the store."
     L, lengths = train_len(df), sorted(df.length.unique())
     names = [e for e in ["base"] + ab.experiments if e in set(df.experiment)]
-    summary = report.summarise(df, names, lengths, "ppl")
     seeds = sorted(set.intersection(*(set(df[df.experiment == e].seed) for e in present)))
     ref = ab.reference or ab.experiments[0]
+    protocols = protocols_of(df)
     missing = [e for e in ab.experiments if e not in present]
-    md = [f"## {ab.name}", "", ab.question, "", f"Knob: `{ab.knob}`. Eval protocol: "
-          f"{', '.join(sorted(df.protocol.unique()))}; L = {L}; seeds: "
-          + "; ".join(f"{e} {sorted(df[df.experiment == e].seed.unique().tolist())}" for e in names) + ".", ""]
+    md = [f"## {ab.name}", "", ab.question, "", f"Knob: `{ab.knob}`. Eval protocols: {', '.join(protocols)}; "
+          f"L = {L}; seeds: " + "; ".join(f"{e} {sorted(df[df.experiment == e].seed.unique().tolist())}" for e in names)
+          + ".", ""]
     if missing:
         md += [f"Not in the store (not run): {missing}.", ""]
-    md += ["### PPL by evaluation length (mean ± 95 % t-CI over seeds)", ""]
-    md += report.ppl_table(summary, names, lengths, L)
-    if ref in present and len(seeds) > 0:
-        view = ab.model_copy(update={"experiments": present})
-        md += report.paired_section(df, view, lengths, seeds, L, "ppl", f"PPL(x) − PPL({ref})", "{:+.2f}")
-    else:
-        md += ["", f"No paired differences: the reference `{ref}` has no runs, or no seed is shared."]
-    md += report.paper_section(ab, summary, L)
+    if ref not in present or not seeds:
+        md += [f"No paired differences: the reference `{ref}` has no runs, or no seed is shared.", ""]
+    md += report.statistics_note(len(seeds))
+    view = ab.model_copy(update={"experiments": present if ref in present and seeds else [ref]})
+    md += report.protocol_sections(df, view, names, lengths, seeds, L, protocols)
     md += ["", "### MLflow run ids", ""]
-    md += [f"- {e}/seed{s}: `{r}`" for (e, s), r in
-           df.drop_duplicates(["experiment", "seed"]).set_index(["experiment", "seed"]).run_id.items()]
+    md += report.run_lines(df, names, protocols)
     return "\n".join(md)
 
 
@@ -210,7 +249,7 @@ def _env(key: str, value: str):
 
 def closed_forms(head_dim: int, base: float, train_len: int, t_max: int) -> dict[str, np.ndarray]:
     """θ(t) for t = 1..t_max of the fixed maps, shape (t_max, d/2), from clex/rope (never re-derived):
-    NTK with α = 2t − 1 (base·(2t−1)^(d/(d−2)), method.md §7), PI with s = t, YaRN with s = t."""
+    NTK with α = 2t − 1 (base·(2t−1)^(d/(d−2)), docs/method.md §7), PI with s = t, YaRN with s = t."""
     from clex.rope.base import ntk_inv_freq
     from clex.rope.scaling import LinearScaling, yarn_inv_freq
 
@@ -300,15 +339,16 @@ def steps_to_threshold(curves: pd.DataFrame, threshold: float) -> pd.DataFrame:
 
 def paired_difference(per_seed: pd.DataFrame, a: str, b: str, cols: list[str]) -> pd.DataFrame:
     """For each column of `per_seed` (rows experiment × seed), the per-seed difference a − b over the seeds both
-    have: mean, 95 % bootstrap CI (report.bootstrap_ci), the seeds; empty when they share no seed."""
+    have: mean, 95 % t-interval (ci_low, ci_high), exact sign-flip p and the smallest p those seeds allow
+    (clex/stats.py), the seeds; empty when they share no seed."""
     x, y = (per_seed[per_seed.experiment == e].set_index("seed") for e in (a, b))
     seeds = sorted(set(x.index) & set(y.index))
     rows = []
     for col in cols if seeds else []:
         d = (x.loc[seeds, col] - y.loc[seeds, col]).tolist()
-        lo, hi = report.bootstrap_ci(d) if len(d) > 1 else (float("nan"), float("nan"))
-        rows.append({"quantity": col, "difference": f"{a} − {b}", "mean": float(np.mean(d)),
-                     "ci_low": lo, "ci_high": hi, "seeds": seeds, "per_seed": d})
+        r = stats.paired(d)
+        rows.append({"quantity": col, "difference": f"{a} − {b}", "mean": r.mean, "ci_low": r.low,
+                     "ci_high": r.high, "p": r.p, "min_p": r.min_p, "seeds": seeds, "per_seed": d})
     return pd.DataFrame(rows)
 
 

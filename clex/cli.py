@@ -81,6 +81,26 @@ def _evaluate(study: Study, args) -> None:
     print(f"evaluation written to {evaluate(study, args.experiment, args.seed)}")
 
 
+def _generate(study: Study, args) -> None:
+    from clex.generate import run_generate
+
+    if args.experiment != "base":
+        study.experiment(args.experiment)
+        if args.seed is None:
+            raise ParamsError("--seed: required when generating with a fine-tuned experiment")
+        _seed(study, args.seed)
+    result = run_generate(study, args.experiment, args.seed, prompt_file=args.prompt_file, prompt_doc=args.prompt_doc,
+                          prompt_tokens=args.prompt_tokens, max_new_tokens=args.max_new_tokens,
+                          temperature=args.temperature, top_k=args.top_k, sample_seed=args.sample_seed,
+                          device=args.device, out=args.out)
+    print(f"{result['experiment']} seed {result['seed']}: {len(result['prompt_ids'])} prompt tokens, "
+          f"{len(result['generated_ids'])} generated at t {result['t'][0]}..{result['t'][-1]} "
+          f"({len(result['generated_ids']) / result['seconds']:.1f} tokens/s)", file=sys.stderr)
+    print(result["text"])
+    if args.out:
+        print(f"written {args.out}", file=sys.stderr)
+
+
 def _report(study: Study, args) -> None:
     from clex.report import build_report
 
@@ -130,6 +150,20 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("experiment")
     ev.add_argument("--seed", type=int)
     ev.set_defaults(func=_evaluate)
+    gen = sub.add_parser("generate", help="continue a prompt with 'base' or a fine-tuned run (KV cache, t per step)")
+    gen.add_argument("experiment")
+    gen.add_argument("--seed", type=int, help="fine-tune seed (required unless 'base')")
+    prompt = gen.add_mutually_exclusive_group()
+    prompt.add_argument("--prompt-file", type=Path, help="prompt text (default: test document --prompt-doc)")
+    prompt.add_argument("--prompt-doc", type=int, help="test document whose prefix is the prompt (default 0)")
+    gen.add_argument("--prompt-tokens", type=int, help="the prompt's first N tokens (default: L of a document, a whole file)")
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); > 0: sampling")
+    gen.add_argument("--top-k", type=int, help="sample among the k most likely tokens")
+    gen.add_argument("--sample-seed", type=int, help="seed of the sampling generator")
+    gen.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
+    gen.add_argument("--out", type=Path, help="write prompt, generated ids, text and t per step as JSON")
+    gen.set_defaults(func=_generate)
     rp = sub.add_parser("report", help="an ablation's table, plot and metrics")
     rp.add_argument("ablation")
     rp.set_defaults(func=_report)

@@ -7,11 +7,13 @@ the file, the key, the bad value and what is allowed; the CLI prints it and exit
 from __future__ import annotations
 
 import glob
+import math
 from pathlib import Path
 from typing import Annotated, Literal, Union, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 
 class ParamsError(ValueError):
@@ -84,8 +86,13 @@ class ModelConfig(Strict):
 
 
 # ---------------------------------------------------------------------------- training
+Beta = Annotated[float, Field(ge=0, lt=1)]
+
+
 class OptimConfig(Strict):
-    """AdamW with linear warm-up and cosine decay to `min_lr_ratio * lr`."""
+    """AdamW with linear warm-up and cosine decay to `min_lr_ratio * lr`; `batch_size` sequences per update,
+    in `accumulate` micro-batches of batch_size/accumulate that each draw their own t and positions (the
+    official recipe draws t on every forward and accumulates 4 of them per update)."""
 
     steps: int = Field(ge=1)
     batch_size: int = Field(ge=1)
@@ -93,6 +100,18 @@ class OptimConfig(Strict):
     warmup_steps: int = Field(0, ge=0)
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     weight_decay: float = Field(0.1, ge=0)
+    betas: list[Beta] = Field([0.9, 0.95], min_length=2, max_length=2, description="AdamW (β1, β2); official 0.999")
+    accumulate: int = Field(1, ge=1, description="micro-batches per optimizer update; must divide batch_size")
+
+    @field_validator("accumulate")
+    @classmethod
+    def _divides_batch(cls, v: int, info: ValidationInfo) -> int:
+        batch = info.data.get("batch_size")
+        if batch is not None and batch % v:
+            raise PydanticCustomError(
+                "divisor", "must divide batch_size={batch} (the same section's); allowed: a divisor of it",
+                {"batch": batch})
+        return v
 
 
 class PretrainConfig(OptimConfig):
@@ -100,13 +119,26 @@ class PretrainConfig(OptimConfig):
 
 
 class FinetuneConfig(OptimConfig):
+    """The fine-tune's optimiser; an experiment may override any key but `seeds` (`Study.finetune_config`).
+
+    The position encoding's parameters (CLEX's ODE or discrete network) get their own learning rate: `rope_lr`,
+    or one derived from `rope_step` = how far one Adam update should move z(t_max) = ln θ(t_max) at init
+    (rope lr = rope_step / S, S = max_j Σ_p |∂z_j(t_max)/∂p|; `clex.rope.effective_step_scale`).
+    """
+
     seeds: list[int] = Field([0, 1, 2], min_length=1)
     seq_len_factor: int = Field(1, ge=1, description="fine-tuning length N = seq_len_factor * L")
+    rope_lr: float | None = Field(None, ge=0, le=1, description="lr of the encoding's parameters; null: lr; 0 freezes them")
+    rope_step: float | None = Field(None, gt=0, allow_inf_nan=False,
+                                    description="rope lr = rope_step / S: z(t_max) moves about this much per update")
 
     @model_validator(mode="after")
     def _unique_seeds(self) -> "FinetuneConfig":
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"finetune.seeds: {self.seeds} has duplicates; allowed: distinct integers")
+        if self.rope_lr is not None and self.rope_step is not None:
+            raise ValueError(f"finetune.rope_lr: {self.rope_lr} and finetune.rope_step: {self.rope_step} are both "
+                             "set; allowed: at most one of them (the other null)")
         return self
 
 
@@ -127,7 +159,7 @@ class TrainerConfig(Strict):
 
 
 # ---------------------------------------------------------------------------- evaluation
-PROTOCOLS = ("nonoverlapping", "sliding")
+PROTOCOLS = ("progressive", "nonoverlapping", "sliding")  # clex/evaluate.py defines each
 
 
 KEY = "{KEY}"  # marks each occurrence of the passkey in the needle and question texts
@@ -168,12 +200,23 @@ class PasskeyConfig(Strict):
 
 
 class EvalConfig(Strict):
-    """Perplexity by length; every length is scored on the same tokens (the first max(lengths) of each doc)."""
+    """Perplexity by length; every length is scored on the same tokens (the first max(lengths) of each doc),
+    under every protocol of `protocols` (the first is the primary one: passkey retrieval uses its forward),
+    on the test documents and on `val_windows` fixed validation windows (validation PPL, to choose recipes)."""
 
     lengths: list[int] = Field([128, 256, 512, 1024, 2048], min_length=1)
-    protocol: Literal[PROTOCOLS] = "nonoverlapping"  # type: ignore[valid-type]
+    protocols: list[Literal[PROTOCOLS]] = Field(  # type: ignore[valid-type]
+        ["progressive", "nonoverlapping"], min_length=1, description="distinct; the first is the primary protocol")
     stride: int | None = Field(None, ge=1, description="sliding protocol: tokens scored per window")
     batch_size: int = Field(4, ge=1)
+    val_windows: int = Field(8, ge=1, description="validation windows of max(lengths) tokens from val.bin")
+
+    @model_validator(mode="after")
+    def _distinct_protocols(self) -> "EvalConfig":
+        if len(set(self.protocols)) != len(self.protocols):
+            raise ValueError(f"eval.protocols: {self.protocols} has duplicates; "
+                             f"allowed: distinct protocols of {list(PROTOCOLS)}")
+        return self
 
 
 # ---------------------------------------------------------------------------- sweeps
@@ -223,6 +266,8 @@ class SolverSpec(Strict):
     whose frequencies stay within 1e-4 (relative) of the official solve and whose gradients within 1e-3
     (tests/test_solver.py, benchmarks/ode_solver.py) at a fraction of its cost. The official reference
     is `{method: rk4, variable: t, step_size: 0.01}`: 1,500 steps to t = 16, back-propagated through.
+    That accuracy depends on the weights (larger ODE weights need finer steps), so every continuous
+    fine-tune compares its trained θ(t) with the reference and fails above `max_rel_error`, naming a fix.
     """
 
     method: Literal["dopri5", "dopri8", "bosh3", "adaptive_heun", "rk4", "midpoint", "euler"] = "rk4"
@@ -230,6 +275,13 @@ class SolverSpec(Strict):
     step_size: float = Field(0.25, gt=0, le=1, description="fixed-grid methods only, in units of `variable`")
     rtol: float = Field(1e-6, gt=0, lt=1, description="adaptive methods only")
     atol: float = Field(1e-8, gt=0, lt=1, description="adaptive methods only")
+    max_rel_error: float = Field(
+        1e-4, gt=0, allow_inf_nan=False,
+        description="end-of-fine-tune check: max relative error of θ(t) against the reference solve, else the stage fails")
+
+    def module_kwargs(self) -> dict:
+        """The ContinuousClex keyword arguments (everything but the check's tolerance)."""
+        return self.model_dump(exclude={"max_rel_error"})
 
 
 class RopeSpec(Strict):
@@ -250,6 +302,17 @@ class ClexSpec(Strict):
     t_scale: Literal["linear", "log"] = Field(
         "linear", description="the rate the ODE network learns: dz/dt (official) or dz/d(ln t)")
     solver: SolverSpec = SolverSpec()
+    time_embedding_base: Literal["model"] | float = Field(
+        10000.0, description="b of the ODE's NTK time embedding: 10000 (official, whatever the RoPE base) or "
+                             "'model' (model.rope_base); continuous dynamics only")
+
+    @field_validator("time_embedding_base", mode="before")
+    @classmethod
+    def _embedding_base(cls, v):
+        if v == "model" or (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 1):
+            return v
+        raise PydanticCustomError("time_embedding_base", "allowed: 'model' (model.rope_base) or a number > 1 "
+                                                         "(official: 10000)")
 
     @model_validator(mode="after")
     def _continuous_only(self) -> "ClexSpec":
@@ -368,6 +431,8 @@ class Experiment(Strict):
     attn_log_scale: bool = Field(False, description="queries times ln(n)/ln(L) for n > L (method.md §3.7)")
     reuse: str | None = Field(None, description="evaluate this experiment's checkpoints (same seed); no fine-tuning")
     streaming: StreamingSpec | None = Field(None, description="evaluate with a StreamingLLM window + sinks")
+    finetune: dict | None = Field(None, description="overrides of params.yaml finetune keys (not seeds); "
+                                                    "validated by load_study, merged by Study.finetune_config")
 
     @model_validator(mode="after")
     def _sampling_needs_scale(self) -> "Experiment":
@@ -394,12 +459,16 @@ class Experiment(Strict):
 
 
 class PaperNumbers(Strict):
-    """Numbers the paper (or its review thread) reports for an experiment, by eval length label."""
+    """Numbers the paper (or its review thread) reports for an experiment, by eval length label, and the
+    evaluation protocol they were measured with: reports show them only beside our table of that protocol."""
 
     source: str
+    protocol: Literal[PROTOCOLS] = Field(  # type: ignore[valid-type]
+        "progressive", description="the protocol these numbers were measured with (official: progressive, docs/protocols.md)")
     lengths: list[str] = Field(description="the paper's labels, e.g. ['4k', '8k', '16k']")
     multipliers: list[int] = Field(description="the same lengths as multiples of the training length")
-    ppl: dict[str, list[float | str]] = Field(description="our experiment name (or 'base') -> the paper's PPLs")
+    ppl: dict[str, list[float | str | None]] = Field(
+        description="our experiment name (or 'base') -> the paper's PPLs; null where the paper gives none")
 
     @model_validator(mode="after")
     def _aligned(self) -> "PaperNumbers":
@@ -445,8 +514,8 @@ class Params(Strict):
             )
         if len(set(self.eval.lengths)) != len(self.eval.lengths) or sorted(self.eval.lengths) != self.eval.lengths:
             raise ValueError(f"eval.lengths: {self.eval.lengths}; allowed: distinct, increasing multiples of {L}")
-        if self.eval.protocol == "sliding" and self.eval.stride is None:
-            raise ValueError("eval.stride: required when eval.protocol is 'sliding' (tokens scored per window)")
+        if "sliding" in self.eval.protocols and self.eval.stride is None:
+            raise ValueError("eval.stride: required when eval.protocols holds 'sliding' (tokens scored per window)")
         if self.eval.stride is not None and self.eval.stride > min(self.eval.lengths):
             raise ValueError(f"eval.stride: {self.eval.stride} exceeds the shortest eval length {min(self.eval.lengths)}")
         if self.finetune.steps % self.sweep.val_every_n_steps:
@@ -477,6 +546,10 @@ class Study(BaseModel):
                 f"experiment: {name!r} is unknown; allowed: {sorted(self.experiments)} (files in experiments/)"
             )
         return self.experiments[name]
+
+    def finetune_config(self, name: str) -> FinetuneConfig:
+        """params.yaml's `finetune` with experiment `name`'s `finetune:` overrides (validated by load_study)."""
+        return _finetune_config(self.params.finetune, self.experiment(name))
 
     def checkpoint_of(self, name: str) -> str:
         """The experiment whose fine-tuned weights `name` evaluates (itself unless it reuses another's)."""
@@ -565,6 +638,26 @@ def _validate(cls, data: dict, source: str):
         raise ParamsError(_format(e, source)) from None
 
 
+class _FinetuneOverrides(Strict):
+    """Wraps a merged finetune mapping so that its errors read `finetune.<key>`."""
+
+    finetune: FinetuneConfig
+
+
+def _finetune_config(base: FinetuneConfig, exp: Experiment) -> FinetuneConfig:
+    """`base` with the experiment's `finetune:` overrides, validated; errors name experiments/<name>.yaml."""
+    if not exp.finetune:
+        return base
+    source = f"experiments/{exp.name}.yaml"
+    if exp.reuse is not None:
+        raise ParamsError(f"{source}: finetune: {exp.finetune}; allowed with reuse: none (the experiment is never "
+                          "fine-tuned)")
+    if "seeds" in exp.finetune:
+        raise ParamsError(f"{source}: finetune.seeds: {exp.finetune['seeds']}; allowed: every finetune key but seeds "
+                          "(all experiments share params.yaml finetune.seeds)")
+    return _validate(_FinetuneOverrides, {"finetune": merged(base.model_dump(), exp.finetune)}, source).finetune
+
+
 def load_study(root: Path | str = ".", params_file: str = "params.yaml") -> Study:
     """Read and cross-validate params.yaml, experiments/*.yaml and ablations/*/ablation.yaml."""
     root = Path(root).resolve()
@@ -574,7 +667,7 @@ def load_study(root: Path | str = ".", params_file: str = "params.yaml") -> Stud
         for p in sorted((root / "experiments").glob("*.yaml"))
     }
     for name, exp in experiments.items():
-        factor, n = getattr(exp.rope, "max_position_factor", None), params.finetune.seq_len_factor
+        factor, n = getattr(exp.rope, "max_position_factor", None), _finetune_config(params.finetune, exp).seq_len_factor
         if factor is not None and factor < n:
             raise ParamsError(
                 f"experiments/{name}.yaml: rope.max_position_factor: {factor} is below finetune.seq_len_factor={n}; "
@@ -602,6 +695,11 @@ def load_study(root: Path | str = ".", params_file: str = "params.yaml") -> Stud
     if swept not in experiments or experiments[swept].rope.type != "clex":  # (a clex experiment never reuses)
         raise ParamsError(f"{params_file}: sweep.experiment: {swept!r} is not a CLEX experiment; allowed: "
                           f"{sorted(n for n, e in experiments.items() if e.rope.type == 'clex')}")
+    steps = _finetune_config(params.finetune, experiments[swept]).steps  # the trials' budget
+    if steps % params.sweep.val_every_n_steps or params.sweep.prune_after_steps >= steps:
+        raise ParamsError(f"experiments/{swept}.yaml: finetune.steps: {steps} (the sweep's trials); allowed: a multiple "
+                          f"of sweep.val_every_n_steps={params.sweep.val_every_n_steps}, above sweep.prune_after_steps="
+                          f"{params.sweep.prune_after_steps}")
     ablations = {}
     for p in sorted((root / "ablations").glob("*/ablation.yaml")):
         source = str(p.relative_to(root))

@@ -1,16 +1,27 @@
-"""Perplexity by length under a named protocol, recorded as an MLflow run.
+"""Perplexity by length under named protocols, one MLflow run per protocol.
 
 Every length is scored on the same test documents, each cut to the longest eval length, so a change
-of PPL with length is a change of context, not of text. The model picks t from the window length
-(t = ceil(n / L), capped at t_max: method.md §3.6). An experiment with `reuse:` (Dynamic NTK, the
-StreamingLLM window) is evaluated on the reused experiment's checkpoint of the same seed.
+of PPL with length is a change of context, not of text; and on `eval.val_windows` fixed windows of the
+validation split (validation PPL, the one to choose recipes by: never the test PPL). An experiment with
+`reuse:` (Dynamic NTK, the StreamingLLM window) is evaluated on the reused experiment's checkpoint of the same seed.
 
 Passkey retrieval (clex/passkey.py) runs at every eval length on the same examples for every model:
-teacher-forced digit accuracy and exact-match share, overall and per needle depth.
+teacher-forced digit accuracy and exact-match share, overall and per needle depth, with the forward of
+the primary protocol (the first of `eval.protocols`).
 
-Protocols (recorded as the `eval_protocol` tag and printed in every report):
-- nonoverlapping: each document is cut into consecutive windows of n tokens; every prediction inside a
-  window is scored (the first token of a window has no context and is not predicted).
+Protocols (`eval.protocols`; each run's `eval_protocol` tag, printed in every report):
+- progressive (the official CLEX evaluation, method.md §5 and §3.6): the windows of `nonoverlapping`, each
+  fed in chunks of L = model.train_len tokens through a KV cache that keeps keys un-rotated
+  (`clex.model.KVCache`). Before chunk j (0-based) runs, the context holds (j+1)·L tokens, so the chunk runs
+  at t = inference_t((j+1)·L) (j+1 capped at t_max for CLEX, (j+1) for Dynamic NTK), every cached key is
+  re-rotated with θ(t) at its own position, and the attention log scale and the streaming window follow
+  the same context length. A length-n PPL thus averages over t = 1..ceil(n/L). Every prediction is scored
+  once: the first token of chunk j is predicted by the last position of chunk j-1, at that chunk's t. The
+  official code drops that prediction (HF's shifted loss inside each chunk); `official` in the detail
+  holds the PPL scored that way too.
+- nonoverlapping: each document is cut into consecutive windows of n tokens, each run in one forward at
+  t = ceil(n/L) (capped at t_max); every prediction inside a window is scored (the first token of a
+  window has no context and is not predicted), including those with short context.
 - sliding: windows of n tokens advanced by `eval.stride`; the first window scores all its predictions,
   later ones only their last `stride` (each token scored once, with at least n - stride tokens of context).
 """
@@ -18,42 +29,71 @@ from __future__ import annotations
 
 import json
 import math
+import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from clex import tracking
-from clex.config import EvalConfig, Study
-from clex.data import data_hash, load_test_docs
+from clex.config import EvalConfig, Experiment, ParamsError, Study
+from clex.data import FixedWindows, data_hash, load_test_docs, load_tokens
 from clex.passkey import eval_set, passkey_accuracy
 from clex.train import PLAIN, base_dir, data_dir, finetune_dir, load_checkpoint, passkey_format
 
 
 def windows(total: int, length: int, protocol: str, stride: int | None) -> list[tuple[int, int]]:
     """(start, first scored prediction index within the window) for one document of `total` tokens."""
-    if protocol == "nonoverlapping":
+    if protocol in ("nonoverlapping", "progressive"):
         return [(s, 0) for s in range(0, total - length + 1, length)]
     starts = list(range(0, total - length + 1, stride))
     return [(s, 0 if i == 0 else length - 1 - stride) for i, s in enumerate(starts)]
 
 
+def progressive_logits(model, tokens: torch.Tensor, chunk: int | None = None, cache=None) -> torch.Tensor:
+    """Logits (B, T, V) of (B, T) tokens fed in chunks of `chunk` (default L) tokens through `cache` (default:
+    a fresh `KVCache`; generation passes its own and continues from it)."""
+    chunk = chunk or model.cfg.train_len
+    cache = model.new_cache() if cache is None else cache
+    return torch.cat([model(tokens[:, s:s + chunk], cache=cache) for s in range(0, tokens.shape[1], chunk)], 1)
+
+
+def forward_of(model, protocol: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """tokens -> logits as `protocol` runs the model: chunked through the cache, or one forward."""
+    return partial(progressive_logits, model) if protocol == "progressive" else model
+
+
 @torch.inference_mode()
-def perplexity(model, docs: torch.Tensor, length: int, cfg: EvalConfig) -> dict:
-    """Summed NLL, scored-token count and PPL of `model` on (n_docs, max_len) tokens at window `length`."""
+def perplexity(model, docs: torch.Tensor, length: int, cfg: EvalConfig, protocol: str) -> dict:
+    """Summed NLL, scored-token count and PPL of `model` on (n_docs, max_len) tokens at window `length`.
+
+    `t` is the model's t for the whole window; progressive adds `t_chunks` (chunk j's t) and `official`
+    (the scoring of the official code, without the first prediction of every chunk after the first).
+    """
     model.eval()
     device = next(model.parameters()).device
-    items = [(d, s, first) for d in range(docs.shape[0]) for s, first in windows(docs.shape[1], length, cfg.protocol, cfg.stride)]
-    nll, count = 0.0, 0
+    forward, L = forward_of(model, protocol), model.cfg.train_len
+    items = [(d, s, first) for d in range(docs.shape[0]) for s, first in windows(docs.shape[1], length, protocol, cfg.stride)]
+    nll, count, boundary_nll, boundary = 0.0, 0, 0.0, 0
     for i in range(0, len(items), cfg.batch_size):
         chunk = items[i:i + cfg.batch_size]
         batch = torch.stack([docs[d, s:s + length] for d, s, _ in chunk]).to(device).long()
-        logits = model(batch)[:, :-1].float()  # the model sees all `length` tokens, as in the official eval
+        logits = forward(batch)[:, :-1].float()  # the model sees all `length` tokens, as in the official eval
         losses = F.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none")  # (B, length-1)
         for row, (_, _, first) in zip(losses, chunk):
             nll += row[first:].double().sum().item()
             count += row.shape[0] - first
-    return {"nll": nll, "tokens": count, "ppl": math.exp(nll / count), "t": model.rope.inference_t(length)}
+            if protocol == "progressive":  # row jL-1 predicts token jL, the first of chunk j >= 1
+                boundary_nll += row[L - 1::L].double().sum().item()
+                boundary += row[L - 1::L].numel()
+    out = {"nll": nll, "tokens": count, "ppl": math.exp(nll / count), "t": model.context_t(length)}
+    if protocol == "progressive":
+        out["t_chunks"] = [model.context_t(min(length, (j + 1) * L)) for j in range(math.ceil(length / L))]
+        official = (nll - boundary_nll, count - boundary)
+        out["official"] = {"nll": official[0], "tokens": official[1], "ppl": math.exp(official[0] / official[1])}
+    return out
 
 
 def eval_path(study: Study, experiment: str, seed: int | None) -> Path:
@@ -61,64 +101,117 @@ def eval_path(study: Study, experiment: str, seed: int | None) -> Path:
     return root / "base.json" if experiment == "base" else root / experiment / f"seed{seed}.json"
 
 
+def checkpoint_source(study: Study, experiment: str, seed: int | None) -> tuple[Experiment, Path, int]:
+    """(experiment, folder of its model.pt and run.json, seed) of 'base' or of one fine-tuned run (the reused
+    experiment's run for `reuse:`); the base model's seed is pretrain.seed."""
+    if experiment == "base":
+        return PLAIN, base_dir(study), study.params.pretrain.seed
+    return study.experiment(experiment), finetune_dir(study, study.checkpoint_of(experiment), seed), seed
+
+
+def validation_windows(study: Study) -> torch.Tensor:
+    """(eval.val_windows, max(eval.lengths)) tokens: evenly spaced windows of the validation split."""
+    n, k = study.params.max_eval_len, study.params.eval.val_windows
+    tokens = load_tokens(data_dir(study), "val")
+    if tokens.size <= n + 1:
+        raise ParamsError(f"eval.lengths: max {n} exceeds the {tokens.size} validation tokens; allowed: shorter "
+                          "lengths or a larger data.val_fraction")
+    fixed = FixedWindows(tokens, n, k)
+    return torch.stack([fixed[i][:n] for i in range(k)])
+
+
 def evaluate(study: Study, experiment: str, seed: int | None = None) -> Path:
     """Evaluate the base model (experiment 'base') or one fine-tuned run; writes the eval JSON."""
     p = study.params
-    if experiment == "base":
-        exp, src, seed, stage = PLAIN, base_dir(study), p.pretrain.seed, "evaluate_base"
-    else:
-        exp, src, stage = study.experiment(experiment), finetune_dir(study, study.checkpoint_of(experiment), seed), \
-            tracking.stage_name("evaluate", experiment, seed)
+    exp, src, seed = checkpoint_source(study, experiment, seed)
+    stage = "evaluate_base" if experiment == "base" else tracking.stage_name("evaluate", experiment, seed)
     fmt = passkey_format(study, min(p.eval.lengths), "the shortest of eval.lengths")
     trained = json.loads((src / "run.json").read_text())
     model = load_checkpoint(study, exp, src / "model.pt")
     test_docs, _ = load_test_docs(data_dir(study))
-    docs = torch.from_numpy(test_docs[:, : p.max_eval_len].astype("int64"))
-    results = {n: perplexity(model, docs, n, p.eval) for n in p.eval.lengths}
+    sets = {"test": torch.from_numpy(test_docs[:, : p.max_eval_len].astype("int64")), "val": validation_windows(study)}
+    primary = p.eval.protocols[0]
+    scores = {protocol: {name: {n: perplexity(model, docs, n, p.eval, protocol) for n in p.eval.lengths}
+                         for name, docs in sets.items()} for protocol in p.eval.protocols}
+    forward = forward_of(model, primary)
     passkey = {n: passkey_accuracy(model, *eval_set(fmt, test_docs, n, p.passkey.depths, p.passkey.samples,
-                                                    p.passkey.seed), p.passkey.depths, p.eval.batch_size)
+                                                    p.passkey.seed), p.passkey.depths, p.eval.batch_size, forward)
                for n in p.eval.lengths}
 
-    root = study.root
-    tracking.close_stale_runs(root, stage)
-    out = eval_path(study, experiment, seed)
+    def ppl(protocol: str, split: str) -> dict:
+        return {str(n): r["ppl"] for n, r in scores[protocol][split].items()}
+
     record = {
-        "experiment": exp.name, "seed": seed, "protocol": p.eval.protocol, "stride": p.eval.stride,
-        "n_docs": int(docs.shape[0]), "train_run_id": trained["run_id"],
-        "checkpoint_sha256": trained["checkpoint_sha256"], "data_hash": data_hash(data_dir(study)),
-        "reused_checkpoint_of": exp.reuse,
-        "ppl": {str(n): r["ppl"] for n, r in results.items()},
-        "detail": {str(n): r for n, r in results.items()},
+        "experiment": exp.name, "seed": seed, "n_docs": int(sets["test"].shape[0]), "val_windows": p.eval.val_windows,
+        "train_run_id": trained["run_id"], "checkpoint_sha256": trained["checkpoint_sha256"],
+        "data_hash": data_hash(data_dir(study)), "reused_checkpoint_of": exp.reuse, "stride": p.eval.stride,
+        "primary": primary, "run_id": None, "protocol": primary, "ppl": ppl(primary, "test"),
+        "protocols": {protocol: {"run_id": None, "ppl": ppl(protocol, "test"), "val_ppl": ppl(protocol, "val"),
+                                 "detail": {split: {str(n): r for n, r in by_n.items()} for split, by_n in s.items()}}
+                      for protocol, s in scores.items()},
         "passkey": {str(n): r for n, r in passkey.items()},
     }
-    import mlflow
+    return _track(study, exp, seed, stage, src, trained["run_id"], record)
 
-    with mlflow.start_run(
-        experiment_id=tracking.experiment_id(root), run_name=stage,
-        tags={"role": "evaluate", "experiment": exp.name, "seed": str(seed), "dvc_stage": stage,
-              "ablations": tracking.ablations_of(study, exp.name), "git_commit": tracking.git_commit(root),
-              "data_hash": record["data_hash"], "checkpoint_sha256": record["checkpoint_sha256"],
-              "eval_protocol": p.eval.protocol, "mlflow.parentRunId": trained["run_id"],
-              "checkpoint_of": exp.reuse or exp.name},
-    ) as run:
-        mlflow.log_params({**tracking.flatten(p.model_dump()), **tracking.flatten(p.eval.model_dump(), "eval."),
-                           **tracking.flatten(p.passkey.model_dump(), "passkey."),
-                           **tracking.flatten(exp.model_dump(), "exp."), "seed": seed})
-        for n, r in results.items():
-            mlflow.log_metric("ppl", r["ppl"], step=n)  # step = length: the compare view draws PPL-vs-length
-            mlflow.log_metric(f"ppl_{n}", r["ppl"])
-        for n, r in passkey.items():  # passkey retrieval, logged like PPL (step = length)
-            mlflow.log_metric("passkey_acc", r["digit_acc"], step=n)
-            mlflow.log_metric("passkey_exact", r["exact"], step=n)
-            for depth, d in r["by_depth"].items():
-                mlflow.log_metric(f"passkey_acc_{n}_depth{depth}", d["digit_acc"])
-        record["run_id"] = run.info.run_id
+
+def _metrics(entry: dict, passkey: dict | None) -> list[tuple[str, float, int]]:
+    """(key, value, step) of one protocol's run: ppl and val_ppl with step = length (the compare view's
+    PPL-vs-length curves) and per length; the primary run also the passkey metrics."""
+    out = []
+    for key in ("ppl", "val_ppl"):
+        for n, v in entry[key].items():
+            out += [(key, v, int(n)), (f"{key}_{n}", v, 0)]
+    for n, r in (passkey or {}).items():  # passkey retrieval, logged like PPL (step = length)
+        out += [("passkey_acc", r["digit_acc"], int(n)), ("passkey_exact", r["exact"], int(n))]
+        out += [(f"passkey_acc_{n}_depth{depth}", d["digit_acc"], 0) for depth, d in r["by_depth"].items()]
+    return out
+
+
+def _track(study: Study, exp: Experiment, seed: int, stage: str, src: Path, train_run_id: str, record: dict) -> Path:
+    """One MLflow run per protocol, nested under the run that trained the checkpoint; every run carries the
+    eval record (artifact eval/<name>.json), which is then moved into place (the stage's output) last."""
+    from mlflow.entities import Metric, Param
+
+    root, p = study.root, study.params
+    tracking.close_stale_runs(root, stage)
+    c, experiment_id = tracking.client(root), tracking.experiment_id(root)
+    params = [Param(k, v) for k, v in {
+        **tracking.flatten(p.model_dump()), **tracking.flatten(p.eval.model_dump(), "eval."),
+        **tracking.flatten(p.passkey.model_dump(), "passkey."), **tracking.flatten(exp.model_dump(), "exp."),
+        "seed": str(seed)}.items()]
+    tags = {"role": "evaluate", "experiment": exp.name, "seed": str(seed), "dvc_stage": stage,
+            "ablations": tracking.ablations_of(study, exp.name), "git_commit": tracking.git_commit(root),
+            "data_hash": record["data_hash"], "checkpoint_sha256": record["checkpoint_sha256"],
+            "mlflow.parentRunId": train_run_id, "checkpoint_of": exp.reuse or exp.name}
+    runs: dict[str, str] = {}
+    try:
+        for protocol, entry in record["protocols"].items():
+            primary = protocol == record["primary"]
+            run_id = c.create_run(experiment_id, run_name=stage, tags={
+                **tags, "eval_protocol": protocol, "eval_primary": str(primary).lower()}).info.run_id
+            runs[protocol] = entry["run_id"] = run_id
+            now = int(time.time() * 1000)
+            passkey = record["passkey"] if primary else None
+            metrics = [Metric(k, v, now, step) for k, v, step in _metrics(entry, passkey)]
+            for i in range(0, len(params), 100):  # MLflow's batch limits
+                c.log_batch(run_id, params=params[i:i + 100])
+            for i in range(0, len(metrics), 1000):
+                c.log_batch(run_id, metrics=metrics[i:i + 1000])
+        record["run_id"] = runs[record["primary"]]
+        out = eval_path(study, exp.name, seed)  # PLAIN is named "base"
         tmp = out.parent / ".partial" / out.name  # the artifact keeps the output's name; moved into place last
         tmp.parent.mkdir(parents=True, exist_ok=True)
         tmp.write_text(json.dumps(record, indent=2))
-        mlflow.log_artifact(str(tmp), artifact_path="eval")
-        if exp.reuse is None:  # a reused checkpoint's table is the other experiment's, logged by its own run
-            mlflow.log_artifact(str(src / "frequencies.json"))
+        for run_id in runs.values():
+            c.log_artifact(run_id, str(tmp), artifact_path="eval")
+            if exp.reuse is None:  # a reused checkpoint's table is the other experiment's, logged by its own run
+                c.log_artifact(run_id, str(src / "frequencies.json"))
         tmp.rename(out)
         tmp.parent.rmdir()
+    except BaseException:
+        for run_id in runs.values():
+            c.set_terminated(run_id, status="FAILED")
+        raise
+    for run_id in runs.values():
+        c.set_terminated(run_id)
     return out

@@ -1,7 +1,9 @@
-"""The LightningModule: one t per step, training positions, loss, optimiser, logging.
+"""The LightningModule: one t per micro-batch, training positions, loss, optimiser, logging; and the
+callback that logs how far the learned frequency basis has moved.
 
-t and the positions are drawn from a generator seeded by (seed, global step), so every DDP rank
-draws the same t without communication (method.md §3.4 leaves this open; we decide it explicitly).
+t and the positions are drawn from a generator seeded by (seed, global step, micro-batch), so every DDP
+rank draws the same t without communication (method.md §3.4 leaves this open; we decide it explicitly).
+With gradient accumulation each micro-batch draws its own t, as the official code draws one per forward.
 """
 from __future__ import annotations
 
@@ -11,14 +13,19 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from clex.config import OptimConfig
+from clex.config import OptimConfig, ParamsError
 from clex.model import Decoder
-from clex.rope import sample_scale, training_positions
+from clex.rope import effective_step_scale, sample_scale, training_positions
 
 
-def step_generator(seed: int, step: int) -> torch.Generator:
-    """A CPU generator that depends only on (seed, step): identical on every rank and on a resumed run."""
-    return torch.Generator().manual_seed(1_000_003 * seed + step)
+MICRO_STRIDE = 0x9E3779B1  # 2^32 / golden ratio: micro-batch m's seed lies far from every other step's
+
+
+def step_generator(seed: int, step: int, micro: int = 0) -> torch.Generator:
+    """A CPU generator that depends only on (seed, step, micro-batch): identical on every rank and on a
+    resumed run; micro-batch 0 draws what one batch per step always drew. (torch's CPU generator keeps
+    only the low 32 bits of a seed, hence an odd 32-bit stride per micro-batch rather than a bit shift.)"""
+    return torch.Generator().manual_seed(1_000_003 * seed + step + micro * MICRO_STRIDE)
 
 
 def lr_lambda(optim: OptimConfig):
@@ -33,38 +40,69 @@ def lr_lambda(optim: OptimConfig):
     return f
 
 
-def scale_and_positions(rope, position_sampling: str, seq_len: int, seed: int, step: int):
-    """(t, CPU positions or None) for one training step, from the (seed, step) generator.
+def scale_and_positions(rope, position_sampling: str, seq_len: int, seed: int, step: int, micro: int = 0):
+    """(t, CPU positions or None) for one micro-batch of a training step, from its (seed, step, micro) generator.
 
     Encodings with a scale draw t ~ U{1..t_max} and the positions of `position_sampling`; the others
     get t = 1 and whatever their `sample_positions` draws (None, i.e. 0..N-1, for most).
     """
-    gen = step_generator(seed, step)
+    gen = step_generator(seed, step, micro)
     if rope.t_max is None:
         return 1, rope.sample_positions(seq_len, gen)
     t = sample_scale(rope.t_max, gen)
     return t, training_positions(position_sampling, seq_len, t, rope.train_len, gen)
 
 
+def learns_basis(rope) -> bool:
+    """Whether the encoding learns its frequencies θ(t) (CLEX, continuous or discrete): parameters and a scale t."""
+    return rope.t_max is not None and any(True for _ in rope.parameters())
+
+
+def resolve_rope_lr(optim: OptimConfig, rope) -> tuple[float, float | None]:
+    """(learning rate of the encoding's parameters, S): `rope_lr` if set, else `rope_step` / S, else `lr`.
+    S = `effective_step_scale` at t_max, computed (None otherwise) for encodings that learn their basis."""
+    learned = learns_basis(rope)
+    scale = effective_step_scale(rope) if learned else None
+    rope_lr, rope_step = getattr(optim, "rope_lr", None), getattr(optim, "rope_step", None)
+    if rope_lr is not None:
+        return rope_lr, scale
+    if rope_step is not None and scale:
+        return rope_step / scale, scale
+    if rope_step is not None and learned:
+        raise ParamsError(f"finetune.rope_step: {rope_step}, but z(t_max) does not depend on the encoding's "
+                          f"parameters (S = 0 at t_max = {rope.t_max}); allowed: finetune.rope_lr instead")
+    return optim.lr, scale
+
+
 class LitDecoder(L.LightningModule):
-    """Trains a Decoder; `position_sampling` decides the training positions for the sampled t."""
+    """Trains a Decoder; `position_sampling` decides the training positions for the sampled t.
+
+    AdamW (optim.betas) over three parameter groups: the body's matrices (optim.weight_decay), the body's
+    other parameters (norms; no decay) and the position encoding's (lr `rope_lr`, default optim.lr; no decay,
+    as officially). rope_lr 0 freezes the encoding instead (requires_grad False, no group). Micro-batch
+    `batch_idx % optim.accumulate` of an update draws its own t and positions.
+    """
 
     def __init__(self, model: Decoder, optim: OptimConfig, seed: int, position_sampling: str = "none",
-                 val_by_length: bool = False):
+                 val_by_length: bool = False, rope_lr: float | None = None):
         super().__init__()
         self.model, self.optim, self.seed, self.position_sampling = model, optim, seed, position_sampling
+        self.rope_lr = optim.lr if rope_lr is None else rope_lr
+        if self.rope_lr == 0:
+            model.rope.requires_grad_(False)
         self.tokens_seen = 0
         # val_by_length (the sweep): one validation loader per length; logs val_ppl_<n> and their mean val_ppl
         self.val_by_length, self._val_nll = val_by_length, {}
 
-    def scale_and_positions(self, seq_len: int) -> tuple[int, torch.Tensor | None]:
-        """(t, positions on this device) for this step; see the module-level `scale_and_positions`."""
-        t, positions = scale_and_positions(self.model.rope, self.position_sampling, seq_len, self.seed, self.global_step)
+    def scale_and_positions(self, seq_len: int, micro: int = 0) -> tuple[int, torch.Tensor | None]:
+        """(t, positions on this device) for micro-batch `micro` of this step; see `scale_and_positions`."""
+        t, positions = scale_and_positions(self.model.rope, self.position_sampling, seq_len, self.seed,
+                                           self.global_step, micro)
         return t, None if positions is None else positions.to(self.device)
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         x, y = batch[:, :-1], batch[:, 1:]
-        t, positions = self.scale_and_positions(x.shape[1])
+        t, positions = self.scale_and_positions(x.shape[1], micro=batch_idx % self.optim.accumulate)
         logits = self.model(x, positions=positions, t=t)
         loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
         if not torch.isfinite(loss):  # CLEX issues #3/#11: stop clearly rather than train on NaNs
@@ -99,14 +137,63 @@ class LitDecoder(L.LightningModule):
         if self.logger is not None:  # ... and logged at the optimizer steps taken, the step Optuna's reports use
             self.logger.log_metrics(ppl, step=self.global_step)
 
-    def configure_optimizers(self):
-        decay, no_decay = [], []
+    def param_groups(self) -> list[dict]:
+        """AdamW groups: body_decay, body_no_decay (norms), rope (lr rope_lr, no decay; absent when frozen)."""
+        decay, no_decay, rope = [], [], []
         for name, p in self.model.named_parameters():
-            # norms, and the CLEX network (official: weight decay 0), are not decayed
-            (decay if p.ndim == 2 and not name.startswith("rope.") else no_decay).append(p)
-        opt = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": self.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=self.optim.lr, betas=(0.9, 0.95),
-        )
+            (rope if name.startswith("rope.") else decay if p.ndim == 2 else no_decay).append(p)
+        groups = [{"name": "body_decay", "params": decay, "weight_decay": self.optim.weight_decay},
+                  {"name": "body_no_decay", "params": no_decay, "weight_decay": 0.0}]
+        if rope and self.rope_lr > 0:
+            groups.append({"name": "rope", "params": rope, "weight_decay": 0.0, "lr": self.rope_lr})
+        return groups
+
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW(self.param_groups(), lr=self.optim.lr, betas=tuple(self.optim.betas))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(self.optim))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def monitor_scales(t_max: int) -> list[int]:
+    """t = 2, 4, 8, ... up to t_max, and t_max."""
+    return sorted({2 ** k for k in range(1, t_max.bit_length()) if 2 ** k <= t_max} | {t_max})
+
+
+@torch.no_grad()
+def log_frequencies(rope, ts: list[int]) -> dict[int, torch.Tensor]:
+    """z(t) = ln θ(t), float64 on the CPU, for t in ts (and t = 1)."""
+    return {t: rope.inv_freq(t).detach().double().cpu().log() for t in sorted(set(ts) | {1})}
+
+
+def basis_metrics(z: dict[int, torch.Tensor], prior: dict[int, torch.Tensor], t_max: int) -> dict[str, float]:
+    """basis_max_dz_t<t> / basis_mean_dz_t<t> = max / mean over pairs of |z(t) - z_prior(t)|, and
+    basis_max_ratio / basis_min_ratio = max / min over pairs of θ_i(t_max)/θ_i(1)."""
+    out = {}
+    for t in sorted(prior):
+        if t > 1:
+            dz = (z[t] - prior[t]).abs()
+            out[f"basis_max_dz_t{t}"], out[f"basis_mean_dz_t{t}"] = dz.max().item(), dz.mean().item()
+    ratio = (z[t_max] - z[1]).exp()
+    out["basis_max_ratio"], out["basis_min_ratio"] = ratio.max().item(), ratio.min().item()
+    return out
+
+
+class BasisMonitor(L.Callback):
+    """Logs, every `every` optimizer steps and at the last one, how far a learned encoding's ln θ(t) has
+    moved from its value when the monitor was made (the prior the fine-tune starts from), so a pathological
+    basis shows in the MLflow charts while it trains (`basis_metrics`). Rank 0 only, no grad; the θ(t) are
+    the training-mode ones (for the ODE: a few solves with the configured solver)."""
+
+    def __init__(self, rope, every: int):
+        self.rope, self.every, self.ts = rope, every, monitor_scales(rope.t_max)
+        self.prior = log_frequencies(rope, self.ts)
+        self._logged = 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        due = step % self.every == 0 or step == trainer.max_steps
+        if step == self._logged or not due or not trainer.is_global_zero or trainer.logger is None:
+            return
+        self._logged = step
+        trainer.logger.log_metrics(basis_metrics(log_frequencies(self.rope, self.ts), self.prior, self.rope.t_max),
+                                   step=step)

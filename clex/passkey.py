@@ -19,7 +19,7 @@ worker and resumed run sees the same data.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -129,8 +129,11 @@ def eval_set(fmt: PasskeyFormat, docs: np.ndarray, length: int, depths: list[flo
 
 
 def passkey_accuracy(model: torch.nn.Module, tokens: torch.Tensor, answer_pos: torch.Tensor, depth_idx: torch.Tensor,
-                     depths: list[float], batch_size: int) -> dict:
+                     depths: list[float], batch_size: int, forward: Callable | None = None) -> dict:
     """Teacher-forced accuracy: the argmax at answer_pos - 1 must be the token at answer_pos.
+
+    `forward` (tokens -> logits; default `model`) is how the evaluation protocol runs the model, e.g. in
+    chunks through a KV cache (`clex.evaluate.forward_of`).
 
     {"digit_acc": mean over all digits, "exact": share of examples with every digit right,
      "by_depth": {str(depth): {"digit_acc", "exact"}}}.
@@ -143,7 +146,7 @@ def passkey_accuracy(model: torch.nn.Module, tokens: torch.Tensor, answer_pos: t
         with torch.inference_mode():
             for i in range(0, len(tokens), batch_size):
                 batch, pos = tokens[i:i + batch_size].to(device), answer_pos[i:i + batch_size].to(device)
-                logits = model(batch)
+                logits = (forward or model)(batch)
                 rows = torch.arange(len(batch), device=device)[:, None]
                 pred = logits[rows, pos - 1].argmax(-1)
                 correct.append((pred == batch.gather(1, pos)).cpu())

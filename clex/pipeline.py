@@ -89,9 +89,9 @@ def stages(study: Study) -> dict:
         folder = f"reports/{name}"
         s[f"ablations/{name}"] = {
             "cmd": f"clex report {name}",
-            "deps": [f"ablations/{name}/ablation.yaml", "build/eval/base.json", "clex/report.py"]
+            "deps": [f"ablations/{name}/ablation.yaml", "build/eval/base.json", "clex/report.py", "clex/stats.py"]
             + [f"build/eval/{e}" for e in ab.experiments],
-            "params": ["finetune.seeds", "eval.lengths", "eval.protocol", "passkey.depths"],
+            "params": ["finetune.seeds", "eval.lengths", "eval.protocols", "passkey.depths"],
             "outs": [f"{folder}/table.md", f"{folder}/ppl_vs_length.png"],
             "metrics": [{f"{folder}/metrics.json": {"cache": False}}],
             "plots": [{f"{folder}/ppl_by_length.csv": {"x": "length", "y": "ppl", "cache": False}}],
@@ -99,7 +99,7 @@ def stages(study: Study) -> dict:
         reports.append(f"{folder}/metrics.json")
     s["analysis"] = {  # the notebooks read the MLflow store; these deps rerun them when a recorded result changes
         "cmd": "clex notebooks",
-        "deps": ["analysis", "clex/analysis.py", "clex/notebooks.py", "clex/report.py"] + reports
+        "deps": ["analysis", "clex/analysis.py", "clex/notebooks.py", "clex/report.py", "clex/stats.py"] + reports
         + [f"reports/sweeps/{study.params.sweep.name}/metrics.json"],
         "outs": ["reports/analysis"],
     }

@@ -1,7 +1,7 @@
 """Optuna sweeps over CLEX's ODE width λ and t_max (`clex sweep`, DVC stage `sweeps/<name>`).
 
 Each trial fine-tunes `sweep.experiment` with the trial's λ and t_max from the shared base model, with
-the `finetune` budget, and scores the mean validation PPL at `sweep.val_multipliers` × L on validation
+that experiment's fine-tune settings (params.yaml `finetune` and its `finetune:` overrides), and scores the mean validation PPL at `sweep.val_multipliers` × L on validation
 documents (never the test set). That value is reported every `sweep.val_every_n_steps` steps, so
 Optuna's MedianPruner stops trials that fall behind.
 
@@ -32,7 +32,7 @@ from optuna.trial import TrialState
 from optuna_integration import PyTorchLightningPruningCallback
 
 from clex import tracking
-from clex.config import PASSKEY_TRAINING_KEYS, Experiment, ParamsError, Study, load_study
+from clex.config import PASSKEY_TRAINING_KEYS, Experiment, FinetuneConfig, ParamsError, Study, load_study
 from clex.data import data_hash, load_tokens
 
 HEARTBEAT_S, GRACE_S = 5, 20  # a trial without a heartbeat for GRACE_S seconds is failed and retried once
@@ -101,7 +101,7 @@ def settings(study: Study) -> dict:
     base = json.loads((study.root / "build" / "base" / "run.json").read_text())["checkpoint_sha256"]
     return {"sweep": p.sweep.model_dump(exclude={"trials", "storage", "workers"}),
             "experiment": study.experiment(p.sweep.experiment).model_dump(exclude={"description"}),
-            "model": p.model.model_dump(), "finetune": p.finetune.model_dump(exclude={"seeds"}),
+            "model": p.model.model_dump(), "finetune": trial_optim(study).model_dump(exclude={"seeds"}),
             "passkey": p.passkey.model_dump(include=set(PASSKEY_TRAINING_KEYS)),
             "data_hash": data_hash(study.root / "build" / "data"), "base_checkpoint_sha256": base}
 
@@ -118,7 +118,7 @@ def check_data(study: Study) -> None:
                           f"tokens, but the validation split has {size}; allowed: smaller multipliers or more "
                           "validation data (data.val_fraction)")
     if p.passkey.train_fraction > 0:
-        passkey_format(study, p.model.train_len * p.finetune.seq_len_factor + 1, "the fine-tuning length")
+        passkey_format(study, p.model.train_len * trial_optim(study).seq_len_factor + 1, "the fine-tuning length")
 
 
 def _sampler(study: Study, seed: int) -> optuna.samplers.BaseSampler:
@@ -175,7 +175,7 @@ def _create_parent_run(study: Study) -> str:
     if cfg.lr is not None:
         space["space.lr"] = str(cfg.lr)
     params = {**tracking.flatten(cfg.model_dump(exclude={"storage"}), "sweep."),
-              **tracking.flatten(study.params.finetune.model_dump(), "finetune."), **space}
+              **tracking.flatten(trial_optim(study).model_dump(), "finetune."), **space}
     c.log_batch(run.info.run_id, params=[Param(k, v) for k, v in params.items()])
     return run.info.run_id
 
@@ -197,6 +197,11 @@ def _close_trial_run(root: Path, sweep: str, number: int, state: str, status: st
     return run_id
 
 
+def trial_optim(study: Study) -> FinetuneConfig:
+    """The trials' fine-tune settings: the swept experiment's (params.yaml `finetune` with its overrides)."""
+    return study.finetune_config(study.params.sweep.experiment)
+
+
 def trial_experiment(study: Study, number: int, ode_width: int, t_max: int) -> Experiment:
     """The swept experiment with a trial's λ and t_max, validated like any experiment file."""
     exp = study.experiment(study.params.sweep.experiment)
@@ -214,7 +219,7 @@ def objective(study: Study, parent: str):
     def run(trial: optuna.Trial) -> float:
         ode_width = trial.suggest_int("ode_width", *cfg.ode_width, log=True)
         t_max = trial.suggest_int("t_max", *cfg.t_max, log=True)
-        optim = p.finetune
+        optim = trial_optim(study)
         if cfg.lr is not None:
             optim = optim.model_copy(update={"lr": trial.suggest_float("lr", *cfg.lr, log=True)})
         stage = f"sweeps/{cfg.name}/trial{trial.number}"
@@ -368,7 +373,8 @@ def write_outputs(study: Study, st: optuna.Study, parent: str) -> Path:
 
 
 def best_yaml(study: Study, best: optuna.trial.FrozenTrial, parent: str) -> str:
-    """The best trial as an experiment YAML: `extends` the swept experiment and sets λ and t_max."""
+    """The best trial as an experiment YAML: `extends` the swept experiment and sets λ and t_max (and
+    finetune.lr when the sweep searched it)."""
     cfg = study.params.sweep
     lengths = ", ".join(f"{m}×L" for m in cfg.val_multipliers)
     header = [
@@ -378,9 +384,9 @@ def best_yaml(study: Study, best: optuna.trial.FrozenTrial, parent: str) -> str:
         "# To train it with the ablations: copy this file to experiments/<name>.yaml, add <name> to params.yaml",
         "# `experiments` (and to an ablation's experiments), then run `clex pipeline` and `dvc repro`.",
     ]
-    if "lr" in best.params:
-        header.append(f"# The trial also used finetune.lr = {best.params['lr']:.6g} (a params.yaml setting).")
     body = {"extends": cfg.experiment,
             "description": f"{cfg.experiment} with sweep {cfg.name}'s best λ and t_max (trial {best.number})",
             "rope": {"ode_width": best.params["ode_width"], "t_max": best.params["t_max"]}}
+    if "lr" in best.params:
+        body["finetune"] = {"lr": best.params["lr"]}
     return "\n".join(header) + "\n" + yaml.safe_dump(body, sort_keys=False)

@@ -25,10 +25,10 @@ from lightning.pytorch.utilities import rank_zero_only
 from clex import tracking
 from clex.config import PASSKEY_TRAINING_KEYS, Experiment, OptimConfig, ParamsError, RopeSpec, Study, TrainerConfig
 from clex.data import TokenDataModule, data_hash
-from clex.lit import LitDecoder
+from clex.lit import BasisMonitor, LitDecoder, learns_basis, resolve_rope_lr
 from clex.model import Decoder, parameter_count
 from clex.passkey import MIN_FILLER, PasskeyFormat
-from clex.rope import build_position_encoding
+from clex.rope import REFERENCE_SOLVER, ContinuousClex, build_position_encoding, max_rel_error, reference_table, solver_fix
 
 PLAIN = Experiment(name="base", description="plain RoPE base model", rope=RopeSpec(type="rope"))
 
@@ -132,7 +132,7 @@ def stage_run(study: Study, experiment: Experiment | None, seed: int | None) -> 
         stage, out_dir, optim = "pretrain", base_dir(study), p.pretrain
     else:
         stage = tracking.stage_name("finetune", experiment.name, seed)
-        out_dir, optim = finetune_dir(study, experiment.name, seed), p.finetune
+        out_dir, optim = finetune_dir(study, experiment.name, seed), study.finetune_config(experiment.name)
     return RunSpec(stage, out_dir, optim, val_windows=p.trainer.val_batches * optim.batch_size,
                    val_every_n_steps=min(p.trainer.val_every_n_steps, optim.steps))
 
@@ -142,6 +142,37 @@ def finetune_params(passkey, optim: OptimConfig) -> dict[str, str]:
     trial's may differ from params.yaml's `finetune`, whose keys they replace)."""
     return {**tracking.flatten(passkey.model_dump(include=set(PASSKEY_TRAINING_KEYS)), "passkey."),
             **tracking.flatten(optim.model_dump(), "finetune.")}
+
+
+class SolverAccuracyError(ParamsError):
+    """A trained ODE's θ(t) is further from the reference solve than rope.solver.max_rel_error allows."""
+
+
+def _yaml(d: dict) -> str:
+    return "{" + ", ".join(f"{k}: {v}" for k, v in d.items()) + "}"
+
+
+def solver_check(rope: ContinuousClex, max_error: float, run: str) -> tuple[float, str | None]:
+    """(max relative error of the trained θ(t) table against the reference solve over t = 2..t_max and all
+    pairs, None or the failure message naming `run`, the error and the rope.solver settings that fix it)."""
+    reference = reference_table(rope)
+    err, at = max_rel_error(rope, reference)
+    if err <= max_error:
+        return err, None
+    keys = ("method", "variable") + (("rtol", "atol") if "rtol" in rope.solver else ("step_size",))
+    current = {k: rope.settings[k] for k in keys}
+    fix = solver_fix(rope, reference, max_error)
+    if fix is not None:
+        found = (f"set rope.solver.{', rope.solver.'.join(f'{k}: {v:g}' for k, v in fix.items())} (the first of "
+                 "the finer settings of the same method and variable that passes on these weights), or ")
+    else:
+        found = "no finer step of the same method and variable passes on these weights; set "
+    return err, (
+        f"{run}: the trained CLEX's θ(t) is up to {err:.2e} (relative, at t = {at}) away from the reference solve "
+        f"{_yaml(REFERENCE_SOLVER)} in float64, above rope.solver.max_rel_error = {max_error:g} with rope.solver "
+        f"{_yaml(current)}. Allowed: {found}the reference rope.solver {_yaml(REFERENCE_SOLVER)} (slow), or a larger "
+        "rope.solver.max_rel_error. The solver also shapes training, so the fine-tune reruns; no outputs were written "
+        "and the MLflow run is marked FAILED.")
 
 
 def _config_hash(*parts) -> str:
@@ -158,7 +189,7 @@ def train(study: Study, experiment: Experiment | None = None, seed: int | None =
     seed = p.pretrain.seed if pretraining else seed
     run = run or stage_run(study, experiment, seed)
     optim, stage, out_dir = run.optim, run.stage, run.out_dir
-    seq_len = p.model.train_len * (1 if pretraining else p.finetune.seq_len_factor)
+    seq_len = p.model.train_len * (1 if pretraining else optim.seq_len_factor)
     resume_dir = study.root / "build" / "resume" / stage
     L.seed_everything(seed, workers=True, verbose=False)
 
@@ -170,6 +201,7 @@ def train(study: Study, experiment: Experiment | None = None, seed: int | None =
     else:
         model = load_checkpoint(study, exp, base_dir(study) / "model.pt")
         base_sha = json.loads((base_dir(study) / "run.json").read_text())["checkpoint_sha256"]
+    rope_lr, step_scale = resolve_rope_lr(optim, model.rope)  # S from the weights at init
     dhash = data_hash(data_dir(study))
     config_hash = _config_hash(p.model_dump(), optim.model_dump(), exp.model_dump(), seed, dhash, base_sha)
 
@@ -202,31 +234,54 @@ def train(study: Study, experiment: Experiment | None = None, seed: int | None =
         tracking.close_stale_runs(root, stage, keep=run_id)
         logger.log_hyperparams({**tracking.flatten(p.model_dump()), **tracking.flatten(exp.model_dump(), "exp."),
                                 "seed": seed, "n_params": parameter_count(model), "seq_len": seq_len,
-                                **({} if pretraining else finetune_params(p.passkey, optim)), **run.params})
+                                **({} if pretraining else finetune_params(p.passkey, optim)),
+                                **({} if pretraining else {"rope_lr_resolved": rope_lr, "rope_step_scale": step_scale}),
+                                **run.params})
 
     cfg = p.trainer
     ckpt = ModelCheckpoint(dirpath=resume_dir, every_n_train_steps=cfg.checkpoint_every_n_steps, save_last=True,
                            save_top_k=0, enable_version_counter=False)
+    monitor = [BasisMonitor(model.rope, cfg.log_every_n_steps)] if learns_basis(model.rope) else []
     trainer = L.Trainer(
         **resolve_trainer(cfg, learned_rope=any(True for _ in model.rope.parameters())),
-        max_steps=optim.steps, logger=logger, callbacks=[ckpt, *run.callbacks], log_every_n_steps=cfg.log_every_n_steps,
+        max_steps=optim.steps, accumulate_grad_batches=optim.accumulate, logger=logger,
+        callbacks=[ckpt, *monitor, *run.callbacks], log_every_n_steps=cfg.log_every_n_steps,
         val_check_interval=run.val_every_n_steps, limit_val_batches=1.0,  # run.val_windows sets the validation set
         num_sanity_val_steps=0, enable_progress_bar=False, enable_model_summary=False, default_root_dir=resume_dir,
     )
-    lit = LitDecoder(model, optim, seed, exp.position_sampling, val_by_length=run.val_lengths is not None)
-    dm = TokenDataModule(data_dir(study), seq_len, optim.batch_size,
+    lit = LitDecoder(model, optim, seed, exp.position_sampling, val_by_length=run.val_lengths is not None,
+                     rope_lr=rope_lr)
+    # accumulate micro-batches of batch_size/accumulate per update: the same windows per update as one batch
+    dm = TokenDataModule(data_dir(study), seq_len, optim.batch_size // optim.accumulate,
                          train_samples=optim.steps * optim.batch_size * trainer.world_size,
                          val_windows=run.val_windows, seed=seed, num_workers=cfg.num_workers,
                          passkey=(fmt, p.passkey.train_fraction) if mixing else None,
-                         val_lengths=run.val_lengths, val_batch_size=run.val_batch_size)
+                         val_lengths=run.val_lengths, val_batch_size=run.val_batch_size or optim.batch_size)
     started = time.perf_counter()
     trainer.fit(lit, dm, ckpt_path=str(last) if resuming else None)
     seconds = time.perf_counter() - started
+    if isinstance(model.rope, ContinuousClex):
+        _check_solver(study, model.rope, exp.rope.solver.max_rel_error, stage, logger, trainer, resume_dir)
     if trainer.is_global_zero:
         tokens = optim.steps * trainer.world_size * optim.batch_size * seq_len
         _write_outputs(study, model, out_dir, logger.run_id, tags, trainer, tokens, seconds, resuming)
         shutil.rmtree(resume_dir, ignore_errors=True)
     return out_dir
+
+
+def _check_solver(study, rope, max_error, stage, logger, trainer, resume_dir) -> None:
+    """The end-of-fine-tune solver check (every rank computes it; rank 0 logs `solver_max_rel_error` and, when
+    it fails, marks the run FAILED and drops the resume state); raises SolverAccuracyError when it fails."""
+    run_id = logger.run_id if trainer.is_global_zero else None
+    err, failure = solver_check(rope, max_error, f"{stage} (MLflow run {run_id})")
+    if trainer.is_global_zero:
+        c = tracking.client(study.root)
+        c.log_metric(run_id, "solver_max_rel_error", err, step=trainer.global_step)
+        if failure:
+            c.set_terminated(run_id, status="FAILED")
+            shutil.rmtree(resume_dir, ignore_errors=True)
+    if failure:
+        raise SolverAccuracyError(failure)
 
 
 def _write_outputs(study, model, out_dir, run_id, tags, trainer, tokens, seconds, resumed) -> None:

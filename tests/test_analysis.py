@@ -45,15 +45,18 @@ def test_eval_frame_equals_eval_json(store, evals):
     assert sorted(evals.length.unique()) == [32, 64, 128] and set(evals.train_len) == {32}
 
 
-def test_ablation_tables_match_report(store, evals):
-    study, _ = store
+def test_ablation_tables_match_report(store):
+    study, uri = store
     table = (study / "reports" / "discrete_vs_continuous" / "table.md").read_text()
-    md = A.ablation_markdown(load_study(study).ablation("discrete_vs_continuous"), evals)
+    protocols = load_study(study).params.eval.protocols
+    md = A.ablation_markdown(load_study(study).ablation("discrete_vs_continuous"), A.eval_frame(uri, A.ALL))
     ppl_rows = [line for line in md.splitlines() if line.startswith("| ") and "±" in line]
     run_lines = [line for line in md.splitlines() if line.startswith("- ") and "/seed" in line]
-    assert len(ppl_rows) == 3 and len(run_lines) == 7  # naive_ft, clex, clex_discrete; base + 6 runs
+    # naive_ft, clex, clex_discrete in the test and validation tables of every protocol; base + 6 runs per protocol
+    assert len(ppl_rows) == 3 * 2 * len(protocols) and len(run_lines) == 7 * len(protocols)
     for line in ppl_rows + run_lines + md.split("### Paired difference")[1].splitlines()[:8]:
         assert line in table, line
+    assert md[md.index("## Protocol"):md.index("\n\n### MLflow run ids")] in table  # every protocol's tables
     clex = [json.loads((study / "build" / "eval" / "clex" / f"seed{s}.json").read_text())["ppl"]["64"] for s in (0, 1)]
     assert f"{np.mean(clex):.2f} ± " in next(r for r in ppl_rows if r.startswith("| clex |"))
 
@@ -93,7 +96,7 @@ def test_frequency_table_from_mlflow_equals_build_output(store):
 def test_closed_forms_against_their_formulas():
     forms = A.closed_forms(D, BASE, L, T_MAX)
     i, t = np.arange(D // 2), np.arange(2, T_MAX + 1)[:, None]
-    ntk = -(2 * i / (D - 2)) * np.log(2 * t - 1)  # method.md §7
+    ntk = -(2 * i / (D - 2)) * np.log(2 * t - 1)  # docs/method.md §7
     np.testing.assert_allclose(A.log_ratio(forms["NTK (α = 2t−1)"]), ntk, atol=1e-5)
     np.testing.assert_allclose(A.log_ratio(forms["PI (s = t)"]), -np.log(t) * np.ones(D // 2), atol=1e-5)
     yarn = A.log_ratio(forms["YaRN (s = t)"])  # 0 on the fast pairs, −ln s on the slow ones, a ramp between

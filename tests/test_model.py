@@ -12,8 +12,7 @@ from clex.config import EvalConfig, ModelConfig
 from clex.evaluate import perplexity, windows
 from clex.lit import lr_lambda, step_generator
 from clex.config import OptimConfig
-from clex.model import Decoder, attention
-from clex.report import bootstrap_ci, mean_ci
+from clex.model import Decoder, attention, causal_mask
 from clex.rope import PlainRope
 
 CFG = ModelConfig(d_model=32, n_layers=2, n_heads=4, d_ff=64, train_len=16)
@@ -29,6 +28,19 @@ def test_attention_matches_explicit_causal_softmax():
     scores = q @ k.transpose(-1, -2) / math.sqrt(8)
     scores = scores.masked_fill(torch.triu(torch.ones(7, 7, dtype=torch.bool), 1), float("-inf"))
     torch.testing.assert_close(attention(q, k, v), scores.softmax(-1) @ v, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("Tq", [1, 3, 7])
+def test_attention_of_the_last_queries_matches_explicit_causal_softmax(Tq):
+    """Queries at the last Tq of 7 key positions (a KV cache): query i sees keys <= 7 - Tq + i."""
+    q, k, v = torch.randn(2, 4, Tq, 8), torch.randn(2, 4, 7, 8), torch.randn(2, 4, 7, 8)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(8) * 1.5
+    i, j = torch.arange(7 - Tq, 7)[:, None], torch.arange(7)[None, :]
+    want = scores.masked_fill(j > i, float("-inf")).softmax(-1) @ v
+    torch.testing.assert_close(attention(q, k, v, q_scale=1.5), want, rtol=1e-5, atol=1e-6)
+    bias = torch.randn(4, Tq, 7)
+    want = (scores + bias).masked_fill(j > i, float("-inf")).softmax(-1) @ v
+    torch.testing.assert_close(attention(q, k, v, causal_mask(bias, q.dtype), 1.5), want, rtol=1e-5, atol=1e-6)
 
 
 def test_attn_log_scale_equals_scaled_query_projection():
@@ -87,7 +99,7 @@ def test_windows_cover_every_prediction_once():
 def test_perplexity_equals_direct_computation():
     model = tiny_model()
     docs = torch.randint(0, 50, (2, 32))
-    got = perplexity(model, docs, 16, EvalConfig(lengths=[16], batch_size=3))
+    got = perplexity(model, docs, 16, EvalConfig(lengths=[16], batch_size=3), "nonoverlapping")
     nll, n = 0.0, 0
     with torch.no_grad():
         for d in range(2):
@@ -98,19 +110,6 @@ def test_perplexity_equals_direct_computation():
     assert got["tokens"] == n
     assert got["ppl"] == pytest.approx(math.exp(nll / n), rel=1e-5)
     assert got["t"] == 1
-
-
-def test_mean_ci_matches_closed_form():
-    mean, half = mean_ci([1.0, 2.0, 3.0])
-    assert mean == 2.0
-    assert half == pytest.approx(4.302652729911275 * 1.0 / math.sqrt(3))  # t_{0.975, 2} · s / √n
-    assert math.isnan(mean_ci([5.0])[1])
-
-
-def test_bootstrap_ci_brackets_the_mean_and_is_degenerate_for_constant_diffs():
-    lo, hi = bootstrap_ci([0.5, 1.0, 1.5, 2.0])
-    assert lo < 1.25 < hi and lo >= 0.5 and hi <= 2.0
-    assert bootstrap_ci([0.3, 0.3, 0.3]) == pytest.approx((0.3, 0.3))
 
 
 def test_schedule_and_step_generator():

@@ -26,7 +26,9 @@ def test_dvc_repro_ablation_end_to_end(repro_study):
     assert "Running stage 'ablations/discrete_vs_continuous'" in proc.stdout
 
     table = (study / "reports/discrete_vs_continuous/table.md").read_text()
-    assert "Eval protocol: **nonoverlapping**" in table
+    protocols = tiny_params()["eval"]["protocols"]
+    assert f"Eval protocols: **{protocols[0]}** (primary)" in table
+    assert all(f"## Protocol `{p}`" in table for p in protocols)
     for row in ("| naive_ft |", "| clex |", "| clex_discrete |", "| base (plain RoPE, no fine-tune) |"):
         assert row in table
     assert " ± " in table  # two seeds: a CI per cell
@@ -36,8 +38,8 @@ def test_dvc_repro_ablation_end_to_end(repro_study):
     shown = json.loads(run(study, "dvc", "metrics", "show", "--json").stdout)
     metrics = next(iter(shown.values()))["data"]["reports/discrete_vs_continuous/metrics.json"]["data"]
     assert set(metrics) == {"base", "naive_ft", "clex", "clex_discrete"}
-    assert set(metrics["clex"]) == {"ppl", "passkey_acc"}
-    assert set(metrics["clex"]["ppl"]) == set(metrics["clex"]["passkey_acc"]) == {"32", "64", "128"}
+    assert set(metrics["clex"]) == {"ppl", "val_ppl", "passkey_acc"} and set(metrics["clex"]["ppl"]) == set(protocols)
+    assert set(metrics["clex"]["ppl"][protocols[0]]) == set(metrics["clex"]["passkey_acc"]) == {"32", "64", "128"}
     assert "## Passkey retrieval" in table and "| clex | 0.5 |" in table  # per length and per depth
     assert all(0 <= v <= 1 for v in metrics["clex"]["passkey_acc"].values())
 
@@ -46,7 +48,9 @@ def test_dvc_repro_ablation_end_to_end(repro_study):
     for r in runs:
         by_role.setdefault(r.data.tags["role"], []).append(r)
     pipeline_roles = ("pretrain", "finetune", "evaluate", "report")  # other tests may add sweep runs to this store
-    assert {k: len(by_role[k]) for k in pipeline_roles} == {"pretrain": 1, "finetune": 6, "evaluate": 7, "report": 1}
+    n_protocols = len(tiny_params()["eval"]["protocols"])  # one evaluation run per protocol
+    assert {k: len(by_role[k]) for k in pipeline_roles} == {"pretrain": 1, "finetune": 6, "evaluate": 7 * n_protocols,
+                                                            "report": 1}
     assert all(r.info.status == "FINISHED" for role in pipeline_roles for r in by_role[role])
     assert exp.artifact_location == (study / "mlruns").as_uri()
     for r in by_role["evaluate"]:
@@ -56,9 +60,12 @@ def test_dvc_repro_ablation_end_to_end(repro_study):
             assert tags.get(key), key
         history = client.get_metric_history(r.info.run_id, "ppl")
         assert sorted(m.step for m in history) == [32, 64, 128]  # step = length: PPL-vs-length curves
+        primary = r.data.tags["eval_primary"] == "true"  # passkey: scored once, on the primary protocol's run
+        assert primary == (r.data.tags["eval_protocol"] == tiny_params()["eval"]["protocols"][0])
         passkey = client.get_metric_history(r.info.run_id, "passkey_acc")
-        assert sorted(m.step for m in passkey) == [32, 64, 128]
-        assert "passkey_acc_128_depth0.5" in r.data.metrics
+        assert sorted(m.step for m in passkey) == ([32, 64, 128] if primary else [])
+        assert ("passkey_acc_128_depth0.5" in r.data.metrics) == primary
+        assert sorted(m.step for m in client.get_metric_history(r.info.run_id, "val_ppl")) == [32, 64, 128]
         assert r.data.params["model.train_len"] == "32"
     finetunes = {r.data.tags["dvc_stage"]: r for r in by_role["finetune"]}
     assert set(finetunes) == {f"finetune@{e}-{s}" for e in ("naive_ft", "clex", "clex_discrete") for s in (0, 1)}
@@ -87,7 +94,7 @@ def test_dvc_repro_ablation_end_to_end(repro_study):
     added = {}
     for r in _runs(study)[2][: len(_runs(study)[2]) - len(runs)]:  # newest first
         added[r.data.tags["role"]] = added.get(r.data.tags["role"], 0) + 1
-    assert added == {"finetune": 2, "evaluate": 2, "report": 1}
+    assert added == {"finetune": 2, "evaluate": 2 * n_protocols, "report": 1}
 
     # inference-time baselines evaluate naive_ft's checkpoints: no fine-tune stage of their own
     reuse = run(study, "dvc", "repro", "evaluate@dynamic_ntk-0", "evaluate@streaming-1")

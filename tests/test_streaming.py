@@ -55,6 +55,22 @@ def test_matches_rolling_cache_reference(T, window, sinks, block):
     torch.testing.assert_close(got, reference(q, k, v, window, sinks, scale), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("T,offset,window,sinks,block", [
+    (40, 24, 8, 4, 5),  # queries past the cache size, several blocks
+    (40, 39, 6, 2, 4),  # one new token (generation)
+    (30, 5, 10, 3, 7),  # the window fills inside the queries
+    (20, 8, 30, 2, 3),  # the cache never drops a token
+])
+def test_queries_at_an_offset_match_the_reference_rows(T, offset, window, sinks, block):
+    """With a KV cache the queries are the last T - offset positions: the reference's last rows."""
+    q, k, v = qkv(T, seed=T + offset)
+    cos, sin = rotary_tables(torch.arange(T), INV_FREQ)
+    got = streaming_attention(q[..., offset:, :], k, v, cos, sin, window, sinks, 0.7, block=block, offset=offset)
+    torch.testing.assert_close(got, reference(q, k, v, window, sinks, 0.7)[..., offset:, :], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="offset"):
+        streaming_attention(q[..., offset:, :], k, v, cos, sin, window, sinks, 0.7, offset=offset + 1)
+
+
 def test_float32_and_batched_tables():
     """float32 activations (tables cast inside) and (B, T, D) tables give the same result."""
     T, window, sinks = 30, 6, 2

@@ -12,7 +12,10 @@ from .base import (
     PlainRope, PositionEncoding, apply_rotary, default_inv_freq, ntk_base, ntk_inv_freq, rotary_tables, rotate_half,
 )
 from .bias import Alibi, BiasEncoding, Sandwich, alibi_slopes
-from .ode import ClexDynamics, ContinuousClex, DiscreteClex, time_embedding
+from .ode import (
+    REFERENCE_SOLVER, ClexDynamics, ContinuousClex, DiscreteClex, effective_step_scale, max_rel_error, reference_table,
+    solver_fix, time_embedding,
+)
 from .positions import POSITION_SAMPLING, RandomPos, random_positions, sample_scale, training_positions
 from .scaling import BaseChange, DynamicNtk, LinearScaling, NtkScaling, Yarn, codellama_base
 
@@ -51,9 +54,11 @@ def _clex(spec, *, head_dim: int, base: float, train_len: int) -> PositionEncodi
         return DiscreteClex(head_dim, base, train_len, spec.t_max, **common)
     if spec.dynamics == "continuous":
         s = spec.solver
+        embedding_base = base if spec.time_embedding_base == "model" else spec.time_embedding_base
         return ContinuousClex(
             head_dim, base, train_len, spec.t_max, constant_term=spec.constant_term, t_scale=spec.t_scale,
-            method=s.method, variable=s.variable, step_size=s.step_size, rtol=s.rtol, atol=s.atol, **common,
+            method=s.method, variable=s.variable, step_size=s.step_size, rtol=s.rtol, atol=s.atol,
+            time_embedding_base=embedding_base, **common,
         )
     raise ValueError(f"rope.dynamics: {spec.dynamics!r} is unknown; allowed: ['continuous', 'discrete']")
 
@@ -103,6 +108,7 @@ __all__ = [
     "Alibi", "BiasEncoding", "RandomPos", "Sandwich", "alibi_slopes", "random_positions",
     "BaseChange", "DynamicNtk", "LinearScaling", "NtkScaling", "Yarn", "codellama_base", "ntk_base",
     "ROPE_FACTORIES", "POSITION_SAMPLING", "ClexDynamics", "ContinuousClex", "DiscreteClex", "PlainRope",
+    "REFERENCE_SOLVER", "effective_step_scale", "max_rel_error", "reference_table", "solver_fix",
     "PositionEncoding", "apply_rotary", "build_position_encoding", "default_inv_freq", "ntk_inv_freq",
     "register", "rotary_tables", "rotate_half", "sample_scale", "time_embedding", "training_positions",
 ]

@@ -35,7 +35,8 @@ class NtkTimeEmbedding(nn.Module):
 
     α = 2t-1 for t >= 1, else 1; ln θ^NTK_i = -(2i/d)·ln b - (2i/(d-2))·ln α, and
     ξ_t,i = d ln θ^NTK_i / dt = -(2i/(d-2))·2/α (0 for t < 1, where α is constant).
-    The constants are float32 buffers, rebuilt in float32 after any cast of the model.
+    The constants are float32 buffers, rebuilt in float32 after any cast of the model; a float64 t
+    (the reference solve, `reference_table`) computes in float64 from those constants.
     """
 
     def __init__(self, head_dim: int, base: float):
@@ -54,10 +55,12 @@ class NtkTimeEmbedding(nn.Module):
         return self
 
     def forward(self, t: Tensor) -> tuple[Tensor, Tensor]:
-        t = t.to(self.slope.device, torch.float32)
+        dtype = torch.float64 if t.dtype == torch.float64 else torch.float32
+        t = t.to(self.slope.device, dtype)
+        slope, log_theta_1 = self.slope.to(dtype), self.log_theta_1.to(dtype)
         alpha = (2 * t - 1).clamp_min(1.0)
-        xi = self.slope * (-2 / alpha)
-        return self.log_theta_1 - self.slope * alpha.log(), torch.where(t >= 1, xi, torch.zeros_like(xi))
+        xi = slope * (-2 / alpha)
+        return log_theta_1 - slope * alpha.log(), torch.where(t >= 1, xi, torch.zeros_like(xi))
 
 
 class UpDownFFN(nn.Module):
@@ -91,9 +94,9 @@ class ClexDynamics(nn.Module):
     `t_scale` (method.md §8) says which rate the network learns. 'linear' (official): the network
     output is dz/dt. 'log': it is dz/dτ with τ = ln t, i.e. dz/dt = NN/t + ξ_t, so its influence per
     unit of t decays like 1/t; the constant term stays dz/dt of the NTK prior in both, and with a
-    zero network both give NTK scaling with α = 2t-1. The time embedding uses `base`, the model's
-    RoPE base; the official code at HEAD always uses 10000 there (method.md §3.3), the same for our
-    default. `nfe` counts evaluations; whoever wants per-solve counts resets it.
+    zero network both give NTK scaling with α = 2t-1. `base` is the time embedding's base: the official
+    code always uses 10000 there, whatever the RoPE base (method.md §3.3; `rope.time_embedding_base`).
+    It does not enter ξ_t. `nfe` counts evaluations; whoever wants per-solve counts resets it.
     """
 
     def __init__(self, head_dim: int, base: float, width: int = 1, act: str = "silu", constant_term: bool = True,
@@ -144,37 +147,48 @@ class ContinuousClex(PositionEncoding):
     eval mode integer t in 1..t_max read a table filled once by the same per-t solves, so inference
     uses exactly the θ(t) of training (method.md §3.6). The official code never invalidates its cache;
     here `train()`/`eval()`, `load_state_dict` and `.to()` clear it. Editing the weights in place while
-    in eval mode needs an explicit `clear_cache()`.
+    in eval mode needs an explicit `clear_cache()`. `time_embedding_base` is the ODE's time-embedding
+    base (None: `base`).
     """
 
     def __init__(
         self, head_dim: int, base: float, train_len: int, t_max: int, *, width: int = 1, act: str = "silu",
         constant_term: bool = True, t_scale: str = "linear", method: str = "dopri5", variable: str = "t",
-        step_size: float = 0.01, rtol: float = 1e-6, atol: float = 1e-8,
+        step_size: float = 0.01, rtol: float = 1e-6, atol: float = 1e-8, time_embedding_base: float | None = None,
     ):
         _check_clex_dims(head_dim)
         if variable not in VARIABLES:
             raise ValueError(f"variable: {variable!r} is not one of {list(VARIABLES)}")
         super().__init__(head_dim, base, train_len, t_max)
-        self.dynamics = ClexDynamics(head_dim, base, width, act, constant_term, t_scale)
+        self.dynamics = ClexDynamics(head_dim, time_embedding_base or base, width, act, constant_term, t_scale)
         self.variable, self.method, self.step_size = variable, method, step_size
         self.solver = {"method": method} if method in FIXED_GRID_METHODS else {"method": method, "rtol": rtol, "atol": atol}
+        self.settings = {"method": method, "variable": variable, "step_size": step_size, "rtol": rtol, "atol": atol}
         self._cache: Tensor | None = None
 
-    def _solve(self, t: float) -> Tensor:
-        """exp(z(t)) from one solve over [1, t] (in t or in ln t)."""
-        z1 = self.base_inv_freq.log()
-        func, end = (self.dynamics, float(t)) if self.variable == "t" else (LogTime(self.dynamics), math.log(t))
-        start = 1.0 if self.variable == "t" else 0.0
-        span = torch.tensor([start, end], dtype=torch.float32, device=z1.device)
-        kwargs = dict(self.solver)
-        if self.method in FIXED_GRID_METHODS:
-            steps = max(1, math.ceil((end - start) / self.step_size - 1e-9))
-            grid = torch.linspace(start, end, steps + 1, dtype=torch.float32, device=z1.device)
+    def _solve(self, t: float, settings: dict | None = None) -> Tensor:
+        """exp(z(t)) from one float32 solve over [1, t] with this module's solver (or `settings`)."""
+        return self.integrate([1.0, float(t)], settings or self.settings)[-1].exp()
+
+    def integrate(self, times: list[float], settings: dict, dtype: torch.dtype = torch.float32) -> Tensor:
+        """z at `times` (increasing, from 1) from ONE solve with `settings` ({method, variable, step_size,
+        rtol, atol}; in t or in ln t), in `dtype`; fixed-grid methods split [1, times[-1]] into
+        ceil(Δ/step_size) equal steps and read the other times off that grid."""
+        z1 = self.base_inv_freq.to(dtype).log()
+        log = settings["variable"] == "log_t"
+        func = LogTime(self.dynamics) if log else self.dynamics
+        points = [math.log(t) if log else float(t) for t in times]
+        span = torch.tensor(points, dtype=dtype, device=z1.device)
+        kwargs: dict = {"method": settings["method"]}
+        if settings["method"] in FIXED_GRID_METHODS:
+            start, end = points[0], points[-1]
+            steps = max(1, math.ceil((end - start) / settings["step_size"] - 1e-9))
+            grid = torch.linspace(start, end, steps + 1, dtype=dtype, device=z1.device)
             kwargs["options"] = {"grid_constructor": lambda *_: grid}
+        else:
+            kwargs.update(rtol=settings["rtol"], atol=settings["atol"])
         with fp32(z1.device):
-            z = odeint(func, z1, span, **kwargs)
-        return z[-1].exp()
+            return odeint(func, z1, span, **kwargs)
 
     def inv_freq(self, t: int) -> Tensor:
         if t < 1:
@@ -194,8 +208,8 @@ class ContinuousClex(PositionEncoding):
             self._cache = self._table()
         return self._cache
 
-    def _table(self) -> Tensor:
-        return torch.stack([self.base_inv_freq] + [self._solve(t) for t in range(2, self.t_max + 1)])
+    def _table(self, settings: dict | None = None) -> Tensor:
+        return torch.stack([self.base_inv_freq] + [self._solve(t, settings) for t in range(2, self.t_max + 1)])
 
     def clear_cache(self) -> None:
         self._cache = None
@@ -236,3 +250,67 @@ class DiscreteClex(PositionEncoding):
         e_t = self.embedding.weight[int(t) - 1]
         with fp32(e_t.device):  # θ·exp(NN(e_t)) = exp(z(1) + NN(e_t)), exactly θ while W_down = 0
             return self.base_inv_freq * self.ffn(e_t).exp()
+
+
+# ------------------------------------------------------------------ effective step size and solver accuracy
+def effective_step_scale(rope: PositionEncoding, t: int | None = None) -> float:
+    """S = max_j Σ_p |∂z_j(t)/∂p| over the encoding's trainable parameters, z = ln θ, t defaulting to t_max.
+
+    One sign-coherent Adam update of size lr moves z_j(t) by about lr·S (the first update, every |Δp| ≈ lr),
+    so lr = step / S makes z move about `step` per update whatever the encoding. By autograd through the
+    training-mode computation (the configured solver for the ODE). At W_down = 0 this is Σ_k |∫₁ᵗ h_k ds|
+    for the continuous variant (h = the up-projection's activations along the prior) and Σ_k |act(e_t·W_up)_k|
+    for the discrete one. 0 for an encoding without parameters or without a scale t.
+    """
+    params = [p for p in rope.parameters() if p.requires_grad]
+    if not params or rope.t_max is None:
+        return 0.0
+    was_training = rope.training
+    rope.train()
+    try:
+        with torch.enable_grad():
+            z = rope.inv_freq(t or rope.t_max).log()
+            if not z.requires_grad:  # t = 1: the base frequencies, no parameter involved
+                return 0.0
+            sums = [sum(g.abs().sum().item() for g in torch.autograd.grad(z_j, params, retain_graph=True,
+                                                                           allow_unused=True) if g is not None)
+                    for z_j in z]
+    finally:
+        rope.train(was_training)
+    return max(sums)
+
+
+@torch.no_grad()
+def reference_table(rope: ContinuousClex) -> Tensor:
+    """θ(t) for t = 1..t_max, float64, from one REFERENCE_SOLVER solve (rk4 in t, dt = 0.01, the official
+    setting) over [1, t_max] read at the integers, which lie on its grid (the official cache does the same)."""
+    return rope.integrate([float(t) for t in range(1, rope.t_max + 1)], REFERENCE_SOLVER, torch.float64).exp()
+
+
+@torch.no_grad()
+def max_rel_error(rope: ContinuousClex, reference: Tensor, settings: dict | None = None) -> tuple[float, int]:
+    """(max relative error of θ(t), the t where it is) over t = 2..t_max and all pairs, of the table the module
+    computes (per-t float32 solves, as in training and inference) with its solver or `settings`."""
+    if rope.t_max < 2:
+        return 0.0, 1
+    err = ((rope._table(settings).double() - reference).abs() / reference)[1:].amax(dim=1)
+    err = torch.nan_to_num(err, nan=math.inf)  # a solve that overflowed fails the check
+    return err.max().item(), int(err.argmax().item()) + 2
+
+
+FINER_STEPS = (0.1, 0.05, 0.025, 0.01)
+
+
+def solver_fix(rope: ContinuousClex, reference: Tensor, tolerance: float) -> dict | None:
+    """The first `rope.solver` change that brings this module's θ(t) within `tolerance` of the reference:
+    a finer step of the same method and variable (FINER_STEPS below the current one), or for adaptive
+    methods rtol/atol 10, 100, 1000× smaller; None when none does (then only the reference solver is left)."""
+    s = rope.settings
+    if s["method"] in FIXED_GRID_METHODS:
+        candidates = [{"step_size": h} for h in FINER_STEPS if h < s["step_size"]]
+    else:
+        candidates = [{"rtol": s["rtol"] / f, "atol": s["atol"] / f} for f in (10, 100, 1000)]
+    for change in candidates:
+        if max_rel_error(rope, reference, {**s, **change})[0] <= tolerance:
+            return change
+    return None
