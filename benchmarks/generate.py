@@ -1,7 +1,7 @@
 """Decoding speed of CLEX against plain RoPE at 16×L, with the KV cache of `clex generate`.
 
 Both models have params.yaml's model shape and are in eval mode, so CLEX reads θ(t) from its frequency table
-(filled before timing, method.md §3.6); random weights unless --checkpoint (a model.pt of this study: plain
+(filled before timing, docs/method.md §3.6); random weights unless --checkpoint (a model.pt of this study: plain
 RoPE gets its non-rope weights). CLEX is experiments/clex.yaml's continuous spec. Each generation prefills a
 prompt of 15·L tokens in chunks of L (not timed), then decodes L tokens greedily, one forward per token, so
 the context reaches 16·L; CLEX's first step crosses 15·L and re-rotates its whole cache once (t 15 -> 16).

@@ -1,7 +1,7 @@
 """Inference cost of cached CLEX against plain RoPE: tokens/s at every eval length, and peak memory at 16×L.
 
 The models are the evaluation ones (eval mode, no grad, params.yaml's model and eval batch size); CLEX
-reads θ(t) from its frequency table, filled once before timing (method.md §3.6), so its per-token work
+reads θ(t) from its frequency table, filled once before timing (docs/method.md §3.6), so its per-token work
 is plain RoPE's. Timing is round-robin (one forward of each model per round). Peak memory is the
 process's peak resident set (Linux VmHWM, reset just before) during one forward at the longest eval
 length, each in a fresh process (CPU), or torch.cuda.max_memory_allocated on CUDA.

@@ -2,7 +2,7 @@
 
 For each solver and each integer t in 2..t_max: one training-mode solve of θ(t), a backward pass of a
 fixed random probe Σ_i w_i·ln θ_i(t), and their wall time. Errors are relative to the reference
-(fixed-step rk4 in t at dt = 0.01, method.md §3.1): max_i |θ_i − θ_i^ref| / θ_i^ref, and per weight
+(fixed-step rk4 in t at dt = 0.01, docs/method.md §3.1): max_i |θ_i − θ_i^ref| / θ_i^ref, and per weight
 tensor ‖∇ − ∇^ref‖ / ‖∇^ref‖. Time is averaged over t ~ U{1..t_max} as in training (t = 1 is free).
 Weights: a fine-tuned checkpoint's (default build/finetune/clex/seed0/model.pt when it exists),
 otherwise non-zero random ones.

@@ -3,7 +3,7 @@
 The prompt is prefilled in chunks of L tokens (as `progressive` feeds a window), then one token per step. The
 context length n, and with it t (CLEX: ceil(n/L) capped at t_max; Dynamic NTK: n/L) and the attention log
 scale, is recomputed at every step; the cached keys are re-rotated whenever θ(t) changes (`clex.model.KVCache`,
-method.md §3.6). Greedy by default; `temperature` > 0 samples from softmax(logits / temperature), restricted to
+docs/method.md §3.6). Greedy by default; `temperature` > 0 samples from softmax(logits / temperature), restricted to
 the `top_k` most likely tokens when given, from a generator seeded with `sample_seed`.
 """
 from __future__ import annotations

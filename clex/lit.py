@@ -2,7 +2,7 @@
 callback that logs how far the learned frequency basis has moved.
 
 t and the positions are drawn from a generator seeded by (seed, global step, micro-batch), so every DDP
-rank draws the same t without communication (method.md §3.4 leaves this open; we decide it explicitly).
+rank draws the same t without communication (docs/method.md §3.4 leaves this open; we decide it explicitly).
 With gradient accumulation each micro-batch draws its own t, as the official code draws one per forward.
 """
 from __future__ import annotations

@@ -3,7 +3,7 @@
 The position encoding is a registered `clex.rope.PositionEncoding`: the model only asks it for the
 cos/sin table of the positions and scaling factor t it is given (rotary encodings), and for an
 attention bias (ALiBi, Sandwich), each built once per forward and shared by every layer. Training code
-chooses (t, positions) (method.md §3.4-3.5); at inference the encoding picks t from the sequence length (§3.6).
+chooses (t, positions) (docs/method.md §3.4-3.5); at inference the encoding picks t from the sequence length (§3.6).
 Attention without a bias goes through `flash_attn` when it is installed and the tensors are on CUDA in half
 precision, else through `torch.nn.functional.scaled_dot_product_attention` (which itself uses a flash kernel
 on CUDA); with a bias, through SDPA with the bias and the causal mask as one additive float mask.
@@ -12,7 +12,7 @@ sees the `sinks` first tokens plus the `window` most recent ones, with rotary po
 so t is chosen for the cache length; rotary encodings only.
 
 `Decoder(tokens, cache=KVCache(n_layers))` continues the tokens already in the cache (chunked evaluation,
-generation). As in the official CLEX code (method.md §3.6) the cache stores keys UN-rotated: t is chosen
+generation). As in the official CLEX code (docs/method.md §3.6) the cache stores keys UN-rotated: t is chosen
 from the context length n after the new tokens, and when t (or θ(t)) differs from the one the cached keys
 were rotated with, every key is re-rotated with θ(t) at its own position; otherwise only the new keys are
 rotated. What every layer needs besides its input travels in one `AttentionContext`.
@@ -115,7 +115,7 @@ class LayerCache:
 
 
 class KVCache:
-    """The decoder's KV cache (method.md §3.6): un-rotated keys and values per layer, `length` tokens so far.
+    """The decoder's KV cache (docs/method.md §3.6): un-rotated keys and values per layer, `length` tokens so far.
 
     `rotated_with` is the (t, θ(t)) the layers' rotated keys were rotated with; a forward whose (t, θ(t))
     differs re-rotates every cached key (counted in `rerotations`), else rotates only its new keys.
@@ -220,8 +220,8 @@ class Block(nn.Module):
 class Decoder(nn.Module):
     """Token embedding (tied with the output head) → blocks → RMSNorm → logits.
 
-    `attn_log_scale` (method.md §3.7, §8): queries times ln(n)/ln(L) for inputs of n > L tokens
-    (1 otherwise), the official code's "log scaling", here clipped at 1 as method.md §8 defines the knob.
+    `attn_log_scale` (docs/method.md §3.7, §8): queries times ln(n)/ln(L) for inputs of n > L tokens
+    (1 otherwise), the official code's "log scaling", here clipped at 1 as docs/method.md §8 defines the knob.
     `streaming` (window, sinks): StreamingLLM-style evaluation (`clex.streaming`), rotary encodings only;
     t defaults to the inference rule at the cache length min(T, window + sinks), and inputs of at most
     window + sinks tokens take the ordinary path (identical there). q_scale is computed from T as usual.
@@ -243,7 +243,7 @@ class Decoder(nn.Module):
     def _init_weights(self) -> None:
         """GPT-2 style: N(0, std) everywhere, residual projections scaled by 1/sqrt(2·layers).
 
-        The pilot (pilot.md) showed PyTorch's unit-variance embedding init starts at ~124 nats of loss.
+        A sizing pilot on this profile showed PyTorch's unit-variance embedding init starts at ~124 nats of loss.
         """
         std = self.cfg.init_std
         for module_name, module in self.named_modules():

@@ -16,7 +16,7 @@ the model sees stays within sinks + window, i.e. within the training range when 
 How: query blocks of `block` rows, each against the sink keys plus the keys in [max(sinks, r0 - window + 1),
 r1), so memory is linear in T (no T×T matrix). With a KV cache (`offset` > 0) the queries are the last Tq of
 the Tk = offset + Tq key positions: query row r is position offset + r, and every key is still rotated here,
-from the un-rotated cache, with the current tables (method.md §3.6: a change of t re-encodes the prefix).
+from the un-rotated cache, with the current tables (docs/method.md §3.6: a change of t re-encodes the prefix).
 The two query rotations go through one SDPA call per block by concatenating along the feature dim: Q' = cat(rot(q, i), rot(q, q'_i)), K' = cat(rot(k, j), 0) for window
 keys and cat(0, rot(k, j)) for sink keys, so Q'·K' picks the right product per key; `scale` is passed
 explicitly because the feature dim is doubled.

@@ -97,7 +97,7 @@ def resolve_trainer(cfg: TrainerConfig, learned_rope: bool) -> dict:
     precision = cfg.precision if cfg.precision != "auto" else ("bf16-mixed" if cuda else "32-true")
     strategy: object = cfg.strategy
     if cfg.strategy in ("ddp", "ddp_spawn", "ddp_fork") and learned_rope:
-        # with t = 1 the CLEX network is skipped (method.md §3.4), so its parameters get no gradient that step
+        # with t = 1 the CLEX network is skipped (docs/method.md §3.4), so its parameters get no gradient that step
         strategy = DDPStrategy(start_method=cfg.strategy.replace("ddp_", "") if "_" in cfg.strategy else "popen",
                                find_unused_parameters=True)
     return dict(accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes,

@@ -4,7 +4,7 @@
 - `prefix_reference`: the ordinary model, without a cache, on the whole prefix [0, e) of each chunk at the t
   of a context of e tokens; the logits of the chunk's positions. The cache must match it wherever the hidden
   states of earlier tokens do not depend on t: one layer, or an encoding whose θ ignores t.
-- `written_out`: the official cache (method.md §3.6) written out from the weights, with an explicit softmax per
+- `written_out`: the official cache (docs/method.md §3.6) written out from the weights, with an explicit softmax per
   query: each layer keeps the raw keys and values of earlier chunks as they were computed (at that chunk's t),
   and every chunk rotates all of them with its own θ(t) at their positions. With more than one layer this
   differs from the prefix reference once t changes, because layer ℓ > 0's keys and values of earlier tokens

@@ -139,7 +139,8 @@ def test_rerun_closes_runs_a_killed_stage_left_running(trained_study):
     for stage, run_id in stale.items():
         assert client.get_run(run_id).info.status == "KILLED"
         mine = [r for r in _runs(trained_study)[2] if r.data.tags.get("dvc_stage") == stage]
-        assert sorted(r.info.status for r in mine) == ["FINISHED", "KILLED"]
+        finished = 1 if stage.startswith("finetune") else len(tiny_params()["eval"]["protocols"])  # a run per protocol
+        assert sorted(r.info.status for r in mine) == ["FINISHED"] * finished + ["KILLED"]
     assert client.get_run(other).info.status == "RUNNING"  # another stage's run is not touched
     client.set_terminated(other)
 

@@ -147,7 +147,7 @@ def test_continuous_scale_at_init_is_the_integral_of_the_activations(act):
 
 @pytest.mark.parametrize("head_dim,low,high", [(32, 800, 1300), (128, 3300, 5000)])
 def test_scale_matches_the_issue_figures(head_dim, low, high):
-    """Issue 10 / method.md §10: S ≈ 1,000 at head dim 32 and ≈ 4,100 at 128 (silu, t = 16, λ = 1)."""
+    """Issue 10 / docs/method.md §10: S ≈ 1,000 at head dim 32 and ≈ 4,100 at 128 (silu, t = 16, λ = 1)."""
     torch.manual_seed(0)
     enc = build_position_encoding(ClexSpec(type="clex"), head_dim=head_dim, base=10000.0, train_len=128)
     assert low < effective_step_scale(enc) < high

@@ -1,4 +1,4 @@
-"""RoPE building blocks shared by every position encoding (method.md §1).
+"""RoPE building blocks shared by every position encoding (docs/method.md §1).
 
 HF layout: `inv_freq` holds d/2 frequencies θ_i, the angle table is `cat(m·θ, m·θ)` and pair
 (j, j + d/2) is rotated together: `x·cos + rotate_half(x)·sin`. All frequency and angle math runs in
@@ -34,7 +34,7 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 def rotary_tables(positions: Tensor, inv_freq: Tensor) -> tuple[Tensor, Tensor]:
     """cos/sin of angles p·θ for positions (T,) or (B, T) -> (…, T, D), float32.
 
-    Positions may be fractional (CLEX training positions, method.md §3.5).
+    Positions may be fractional (CLEX training positions, docs/method.md §3.5).
     """
     with fp32(inv_freq.device):
         angles = positions.to(inv_freq.device, torch.float32)[..., None] * inv_freq.float()
@@ -55,12 +55,12 @@ def default_inv_freq(head_dim: int, base: float) -> Tensor:
 
 
 def ntk_base(head_dim: int, base: float, alpha: float) -> float:
-    """NTK-aware base b' = b·α^(d/(d-2)) (method.md §2; the same float64 expression as HF)."""
+    """NTK-aware base b' = b·α^(d/(d-2)) (docs/method.md §2; the same float64 expression as HF)."""
     return base * alpha ** (head_dim / (head_dim - 2))
 
 
 def ntk_inv_freq(head_dim: int, base: float, alpha: float) -> Tensor:
-    """NTK-aware scaling (method.md §2): base b' = b·α^(d/(d-2)), then the default frequencies."""
+    """NTK-aware scaling (docs/method.md §2): base b' = b·α^(d/(d-2)), then the default frequencies."""
     return default_inv_freq(head_dim, ntk_base(head_dim, base, alpha))
 
 
@@ -88,7 +88,7 @@ class PositionEncoding(nn.Module, abc.ABC):
         """θ(t), shape (head_dim//2,), float32; differentiable w.r.t. the module's weights in training."""
 
     def inference_t(self, seq_len: int) -> int:
-        """Scaling factor for a length-n input (method.md §3.6): ceil(n/L) in [1, t_max]; 1 for plain RoPE."""
+        """Scaling factor for a length-n input (docs/method.md §3.6): ceil(n/L) in [1, t_max]; 1 for plain RoPE."""
         if self.t_max is None:
             return 1
         return min(max(1, math.ceil(seq_len / self.train_len)), self.t_max)

@@ -1,4 +1,4 @@
-"""Attention-bias baselines (method.md §2, §8): no rotation, a fixed relative bias on the logits.
+"""Attention-bias baselines (docs/method.md §2, §8): no rotation, a fixed relative bias on the logits.
 
 Both are functions of the distance q_i - k_j only and are built in float32 (autocast off) once per
 forward by the Decoder, which adds the causal mask and hands the result to SDPA. `inv_freq` is all

@@ -1,6 +1,6 @@
 """CLEX: learned log-frequencies z(t) = ln θ(t), continuous (ODE) or discrete (per-t embedding).
 
-method.md §3.1-3.3 (state, dynamics g, constant term ξ_t), §3.6 (inference cache), §3.8 and §8
+docs/method.md §3.1-3.3 (state, dynamics g, constant term ξ_t), §3.6 (inference cache), §3.8 and §8
 (discrete baseline). With W_down = 0 at init, both variants start from a known prior: the
 continuous one from NTK-aware scaling with α = 2t-1 (or plain RoPE without ξ), the discrete one
 from plain RoPE.
@@ -21,12 +21,12 @@ FIXED_GRID_METHODS = frozenset(
     {"euler", "midpoint", "heun2", "heun3", "rk4", "explicit_adams", "implicit_adams", "fixed_adams"}
 )
 VARIABLES = ("t", "log_t")
-# The official solve (method.md §3.1): fixed-step rk4 in t at dt = 0.01, back-propagated through every step.
+# The official solve (docs/method.md §3.1): fixed-step rk4 in t at dt = 0.01, back-propagated through every step.
 REFERENCE_SOLVER = {"method": "rk4", "variable": "t", "step_size": 0.01}
 
 
 def time_embedding(t: Tensor | float, head_dim: int, base: float) -> tuple[Tensor, Tensor]:
-    """(ln θ^NTK(t), ξ_t), each (head_dim//2,) float32 (method.md §3.3); see `NtkTimeEmbedding`."""
+    """(ln θ^NTK(t), ξ_t), each (head_dim//2,) float32 (docs/method.md §3.3); see `NtkTimeEmbedding`."""
     return NtkTimeEmbedding(head_dim, base)(torch.as_tensor(t, dtype=torch.float32))
 
 
@@ -64,7 +64,7 @@ class NtkTimeEmbedding(nn.Module):
 
 
 class UpDownFFN(nn.Module):
-    """x -> act(x·W_up)·W_down, no biases (the official `ODELinear` net, method.md §3.2).
+    """x -> act(x·W_up)·W_down, no biases (the official `ODELinear` net, docs/method.md §3.2).
 
     W_up (d/2, λd) gets kaiming_uniform_(a=√5), i.e. U(±1/√(λd)) since PyTorch's fan_in is size(1);
     W_down (λd, d/2) starts at zero, so the net's output is 0 at init. Computed in the input's
@@ -89,13 +89,13 @@ T_SCALES = ("linear", "log")
 
 
 class ClexDynamics(nn.Module):
-    """g(t, z) = act((z + ln θ^NTK(t))·W_up)·W_down + ξ_t, the right-hand side dz/dt (method.md §3.2).
+    """g(t, z) = act((z + ln θ^NTK(t))·W_up)·W_down + ξ_t, the right-hand side dz/dt (docs/method.md §3.2).
 
-    `t_scale` (method.md §8) says which rate the network learns. 'linear' (official): the network
+    `t_scale` (docs/method.md §8) says which rate the network learns. 'linear' (official): the network
     output is dz/dt. 'log': it is dz/dτ with τ = ln t, i.e. dz/dt = NN/t + ξ_t, so its influence per
     unit of t decays like 1/t; the constant term stays dz/dt of the NTK prior in both, and with a
     zero network both give NTK scaling with α = 2t-1. `base` is the time embedding's base: the official
-    code always uses 10000 there, whatever the RoPE base (method.md §3.3; `rope.time_embedding_base`).
+    code always uses 10000 there, whatever the RoPE base (docs/method.md §3.3; `rope.time_embedding_base`).
     It does not enter ξ_t. `nfe` counts evaluations; whoever wants per-solve counts resets it.
     """
 
@@ -137,7 +137,7 @@ def _check_clex_dims(head_dim: int) -> None:
 
 
 class ContinuousClex(PositionEncoding):
-    """CLEX with continuous dynamics: z(1) = ln θ, dz/dt = g(t, z), θ(t) = exp(z(t)) (method.md §3.1).
+    """CLEX with continuous dynamics: z(1) = ln θ, dz/dt = g(t, z), θ(t) = exp(z(t)) (docs/method.md §3.1).
 
     Each θ(t) is one torchdiffeq solve from 1 to t, in the variable `variable` ('t' as the official
     code, or 'log_t': the same ODE in τ = ln t, see `LogTime`). Fixed-grid methods split [start, end]
@@ -145,7 +145,7 @@ class ContinuousClex(PositionEncoding):
     use rtol/atol. t = 1 returns the base frequencies exactly (the official code skips the ODE there).
     In training mode every call solves and back-propagates through the solver steps (no adjoint). In
     eval mode integer t in 1..t_max read a table filled once by the same per-t solves, so inference
-    uses exactly the θ(t) of training (method.md §3.6). The official code never invalidates its cache;
+    uses exactly the θ(t) of training (docs/method.md §3.6). The official code never invalidates its cache;
     here `train()`/`eval()`, `load_state_dict` and `.to()` clear it. Editing the weights in place while
     in eval mode needs an explicit `clear_cache()`. `time_embedding_base` is the ODE's time-embedding
     base (None: `base`).
@@ -228,7 +228,7 @@ class ContinuousClex(PositionEncoding):
 
 
 class DiscreteClex(PositionEncoding):
-    """Discrete-dynamics baseline (method.md §3.8, §8): z(t) = z(1) + FFN(e_t), t in 1..t_max.
+    """Discrete-dynamics baseline (docs/method.md §3.8, §8): z(t) = z(1) + FFN(e_t), t in 1..t_max.
 
     e_t is a learnable embedding per integer t (nn.Embedding(t_max, d/2), N(0, 1) init); FFN is the
     same up/down net as the ODE's, without time embedding or ξ. Rows are independent: z(t) depends

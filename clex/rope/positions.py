@@ -1,5 +1,5 @@
-"""Training-time scaling factor and position ids (method.md §3.4, §3.5, §8 `position_sampling`),
-and the RandomPos baseline (method.md §2), which draws its positions with the same sampler.
+"""Training-time scaling factor and position ids (docs/method.md §3.4, §3.5, §8 `position_sampling`),
+and the RandomPos baseline (docs/method.md §2), which draws its positions with the same sampler.
 
 All draw from an explicit torch.Generator (CPU), so one seeded generator gives the same t and
 positions on every rank. Positions are returned on the CPU; the caller moves them.
@@ -20,7 +20,7 @@ def sorted_subset(n: int, k: int, generator: torch.Generator) -> Tensor:
 
 
 def sample_scale(t_max: int, generator: torch.Generator) -> int:
-    """t uniform on {1, ..., t_max} (official code since commit 2e69966, method.md §3.4)."""
+    """t uniform on {1, ..., t_max} (official code since commit 2e69966, docs/method.md §3.4)."""
     if t_max < 1:
         raise ValueError(f"t_max: {t_max} must be >= 1")
     return int(torch.randint(1, t_max + 1, (1,), generator=generator))

@@ -1,9 +1,9 @@
-"""Frequency-scaling baselines (method.md §2, §8): fixed maps θ → θ' with no learned state.
+"""Frequency-scaling baselines (docs/method.md §2, §8): fixed maps θ → θ' with no learned state.
 
 They all have `t_max = None`: the trainer draws no t and trains on plain positions 0..N-1 with θ'.
 Only Dynamic NTK depends on the input length, which reaches it as t = n/L through `inference_t`, so the
 Decoder's call `rope(positions, rope.inference_t(n))` serves every encoding unchanged. Everything is
-derived from the head dim d, the base b and the training length L (method.md §8, small-scale note),
+derived from the head dim d, the base b and the training length L (docs/method.md §8, small-scale note),
 never from LLaMA's numbers. Parity with transformers' ROPE_INIT_FUNCTIONS: tests/test_scaling.py.
 """
 from __future__ import annotations
@@ -53,7 +53,7 @@ def find_correction_dim(rotations: float, head_dim: int, base: float, train_len:
 
 def yarn_inv_freq(head_dim: int, base: float, train_len: int, factor: float,
                   beta_fast: float = 32.0, beta_slow: float = 1.0) -> Tensor:
-    """YaRN's θ' in float32, with HF's exact arithmetic (method.md §2, "YaRN, exact"):
+    """YaRN's θ' in float32, with HF's exact arithmetic (docs/method.md §2, "YaRN, exact"):
     low = floor(dim(β_fast)), high = ceil(dim(β_slow)) clamped to [0, d-1] (high += 0.001 if equal),
     ramp_i = clamp((i - low)/(high - low), 0, 1), mask = 1 - ramp, θ' = θ/s·(1 - mask) + θ·mask."""
     low = max(math.floor(find_correction_dim(beta_fast, head_dim, base, train_len)), 0)
