@@ -1,7 +1,7 @@
 """`clex`: one subcommand per pipeline stage. Each validates the whole study before any compute.
 
 Bad params print one message per problem (file, key, value, what is allowed) and exit with status 2
-before anything is written. Heavy imports (torch, lightning, mlflow) happen only inside the commands.
+before anything is written; so does a non-finite result (`NonFiniteError`: which run, length, likely cause). Heavy imports (torch, lightning, mlflow) happen only inside the commands.
 """
 from __future__ import annotations
 
@@ -10,16 +10,14 @@ import os
 import sys
 from pathlib import Path
 
-from clex.config import ParamsError, Study, load_study
+from clex.config import ParamsError, Study, load_study, read_yaml_text
 from clex.notebooks import NotebookError
 
 
 def _validate(study: Study, args) -> None:
-    import yaml
-
     from clex.pipeline import missing_params
 
-    missing = missing_params(study, yaml.safe_load((study.root / "params.yaml").read_text()))
+    missing = missing_params(study, read_yaml_text(study.root / "params.yaml"))
     if missing:
         raise ParamsError(f"params.yaml: {', '.join(missing)}: missing; DVC tracks every one of these keys, "
                           "so params.yaml must list them all (copy the defaults from the repo's params.yaml)")
@@ -187,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         study = load_study(Path(args.root))
         return args.func(study, args) or 0
     except ParamsError as e:
-        print(f"clex {args.command}: invalid parameters\n{e}", file=sys.stderr)
+        print(f"clex {args.command}: {e.kind}\n{e}", file=sys.stderr)
         return 2
     except NotebookError as e:  # a notebook raised: its name, cell and error, and where the executed copy is
         print(f"clex {args.command}: {e}", file=sys.stderr)

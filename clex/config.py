@@ -2,7 +2,9 @@
 
 `load_study()` reads params.yaml, every experiments/*.yaml and every ablations/*/ablation.yaml and
 validates them together before any compute. A bad value raises `ParamsError`, whose message names
-the file, the key, the bad value and what is allowed; the CLI prints it and exits non-zero.
+the file, the key, the bad value and what is allowed; the CLI prints it and exits non-zero. Files are read
+as UTF-8 YAML with duplicate keys refused (`read_yaml_text`); values are checked strictly (no coercion, no
+NaN or infinity: `Strict`).
 """
 from __future__ import annotations
 
@@ -17,13 +19,25 @@ from pydantic_core import PydanticCustomError
 
 
 class ParamsError(ValueError):
-    """A params value is invalid; the message says which key, which value and what is allowed."""
+    """A params value is invalid; the message says which key, which value and what is allowed. The CLI prints
+    `clex <command>: <kind>` and the message, and exits 2: no traceback."""
+
+    kind = "invalid parameters"
+
+
+class NonFiniteError(ParamsError):
+    """A result (PPL, NLL, passkey score) is NaN or infinite: the stage stops before it is logged or written,
+    naming the run, the length and the likely cause (clex/evaluate.py), and a report refuses one read back."""
+
+    kind = "non-finite result"
 
 
 class Strict(BaseModel):
-    """Unknown keys are errors (a typo must not silently fall back to a default)."""
+    """Unknown keys are errors (a typo must not silently fall back to a default); values are not coerced
+    (strict: `true` is not the integer 1, nor the string '3' a number; an integer still passes as a float), and
+    no float may be NaN or infinite (`.inf` would pass every `ge`/`gt` bound)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 # ---------------------------------------------------------------------------- data
@@ -58,6 +72,23 @@ class DataConfig(Strict):
         if self.source == "hf" and not self.hf_name:
             raise ValueError("data.hf_name: required when data.source is 'hf' (a dataset name or local path)")
         return self
+
+    def tracked_corpus(self, root: Path) -> str | None:
+        """The local path DVC tracks for the corpus, as a dependency of `prepare` (so an edited, added or removed
+        file reruns it): for `files`, the folder the glob is rooted at (its parts before the first wildcard; the
+        file itself without one), since DVC deps cannot be globs and that folder holds every file the glob can
+        match (an edit to a file it does not match reruns prepare too: safe, rare); a local `hf_name` folder;
+        None for the stdlib corpus and a hub dataset. Relative paths are relative to the study root."""
+        if self.source == "files":
+            fixed = [] if Path(self.files).is_absolute() else ["."]
+            for part in Path(self.files).parts:
+                if any(c in part for c in "*?["):
+                    break
+                fixed.append(part)
+            return str(Path(*fixed))
+        if self.source == "hf" and (Path(root) / self.hf_name).exists():
+            return self.hf_name
+        return None
 
 
 # ---------------------------------------------------------------------------- model
@@ -157,6 +188,13 @@ class TrainerConfig(Strict):
     log_every_n_steps: int = Field(10, ge=1)
     num_workers: int = Field(0, ge=0)
 
+    @field_validator("devices", mode="before")
+    @classmethod
+    def _devices(cls, v):
+        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+            return v
+        raise PydanticCustomError("devices", "allowed: a number of devices >= 1, or 'auto'")
+
 
 # ---------------------------------------------------------------------------- evaluation
 PROTOCOLS = ("progressive", "nonoverlapping", "sliding")  # clex/evaluate.py defines each
@@ -179,7 +217,7 @@ def check_passkey_template(needle: str, question: str) -> None:
 
 
 class PasskeyConfig(Strict):
-    """Passkey retrieval (method.md §8 / issue 3): a random key hidden in test-corpus filler, scored by
+    """Passkey retrieval (docs/method.md §8 / issue 3): a random key hidden in test-corpus filler, scored by
     teacher-forced digit accuracy; `train_fraction` of every fine-tune's sequences are passkey examples
     at training length, the same for every experiment, so that a small model learns the format."""
 
@@ -204,7 +242,7 @@ class EvalConfig(Strict):
     under every protocol of `protocols` (the first is the primary one: passkey retrieval uses its forward),
     on the test documents and on `val_windows` fixed validation windows (validation PPL, to choose recipes)."""
 
-    lengths: list[int] = Field([128, 256, 512, 1024, 2048], min_length=1)
+    lengths: list[Annotated[int, Field(ge=1)]] = Field([128, 256, 512, 1024, 2048], min_length=1)
     protocols: list[Literal[PROTOCOLS]] = Field(  # type: ignore[valid-type]
         ["progressive", "nonoverlapping"], min_length=1, description="distinct; the first is the primary protocol")
     stride: int | None = Field(None, ge=1, description="sliding protocol: tokens scored per window")
@@ -260,7 +298,7 @@ class SweepConfig(Strict):
 
 # ---------------------------------------------------------------------------- experiments
 class SolverSpec(Strict):
-    """torchdiffeq solver for the CLEX ODE (method.md §3.1, §8 `time_dt`).
+    """torchdiffeq solver for the CLEX ODE (docs/method.md §3.1, §8 `time_dt`).
 
     The default is rk4 with a fixed step of 0.25 in τ = ln t: the same ODE after a change of variables,
     whose frequencies stay within 1e-4 (relative) of the official solve and whose gradients within 1e-3
@@ -291,7 +329,7 @@ class RopeSpec(Strict):
 
 
 class ClexSpec(Strict):
-    """CLEX (method.md §3): learned log-frequencies z(t), continuous (ODE) or discrete (per-t embedding)."""
+    """CLEX (docs/method.md §3): learned log-frequencies z(t), continuous (ODE) or discrete (per-t embedding)."""
 
     type: Literal["clex"]
     dynamics: Literal["continuous", "discrete"] = "continuous"
@@ -323,14 +361,14 @@ class ClexSpec(Strict):
 
 
 class PiSpec(Strict):
-    """PI / linear position interpolation (method.md §2): θ'_i = θ_i / factor. No t is drawn in training."""
+    """PI / linear position interpolation (docs/method.md §2): θ'_i = θ_i / factor. No t is drawn in training."""
 
     type: Literal["pi"]
     factor: float = Field(ge=1, allow_inf_nan=False, description="s: positions m -> m/s")
 
 
 class NtkSpec(Strict):
-    """Static NTK-aware scaling (method.md §2): base b' = b·factor^(d/(d-2))."""
+    """Static NTK-aware scaling (docs/method.md §2): base b' = b·factor^(d/(d-2))."""
 
     type: Literal["ntk"]
     factor: float = Field(ge=1, allow_inf_nan=False, description="α of the new base b·α^(d/(d-2))")
@@ -344,7 +382,7 @@ class DynamicNtkSpec(Strict):
 
 
 class YarnSpec(Strict):
-    """YaRN (method.md §2, "YaRN, exact"), L_orig = model.train_len; ramp bounds derived from d, L, base."""
+    """YaRN (docs/method.md §2, "YaRN, exact"), L_orig = model.train_len; ramp bounds derived from d, L, base."""
 
     type: Literal["yarn"]
     factor: float = Field(ge=1, allow_inf_nan=False, description="s: the interpolation factor")
@@ -373,7 +411,7 @@ class BaseChangeSpec(Strict):
 
 
 class AlibiSpec(Strict):
-    """ALiBi (method.md §2): no rotation; bias -m_h·(i-j) on the logits, slopes from the head count."""
+    """ALiBi (docs/method.md §2): no rotation; bias -m_h·(i-j) on the logits, slopes from the head count."""
 
     type: Literal["alibi"]
 
@@ -405,7 +443,7 @@ PositionSpec = Annotated[
 
 
 class StreamingSpec(Strict):
-    """StreamingLLM-style evaluation (method.md §8): each query sees the first `sinks` tokens and the
+    """StreamingLLM-style evaluation (docs/method.md §8): each query sees the first `sinks` tokens and the
     `window` most recent ones, positions assigned inside that cache. The sizes are ratios of L, scaled
     from the review thread's window 4000 and 64 sinks at LLaMA-2's L = 4096."""
 
@@ -428,7 +466,7 @@ class Experiment(Strict):
     description: str = ""
     rope: PositionSpec
     position_sampling: Literal["none", "random", "uniform"] = "none"
-    attn_log_scale: bool = Field(False, description="queries times ln(n)/ln(L) for n > L (method.md §3.7)")
+    attn_log_scale: bool = Field(False, description="queries times ln(n)/ln(L) for n > L (docs/method.md §3.7)")
     reuse: str | None = Field(None, description="evaluate this experiment's checkpoints (same seed); no fine-tuning")
     streaming: StreamingSpec | None = Field(None, description="evaluate with a StreamingLLM window + sinks")
     finetune: dict | None = Field(None, description="overrides of params.yaml finetune keys (not seeds); "
@@ -591,13 +629,43 @@ def _format(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def _read_yaml(path: Path) -> dict:
+class DuplicateKeyError(yaml.YAMLError):
+    def __init__(self, key, line: int, first: int):
+        super().__init__(f"line {line}: duplicate key {key!r} (first at line {first}); allowed: each key once per mapping")
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load that refuses a key given twice in one mapping: PyYAML would keep the last one silently
+    (and DVC, reading the same params.yaml, refuses it), so a study would run on a value its author did not see."""
+
+    def construct_mapping(self, node, deep=False):
+        first: dict = {}
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                key = self.construct_object(key_node)
+                if key in first:
+                    raise DuplicateKeyError(key, key_node.start_mark.line + 1, first[key])
+                first[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml_text(path: Path):
+    """A YAML file's content (UniqueKeyLoader); ParamsError naming the file for a missing, non-UTF-8 or bad file."""
     try:
-        data = yaml.safe_load(path.read_text())
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=UniqueKeyLoader)
     except FileNotFoundError:
         raise ParamsError(f"{path}: file not found") from None
+    except UnicodeDecodeError as e:
+        raise ParamsError(f"{path}: byte {e.object[e.start:e.start + 1]!r} at offset {e.start} is not UTF-8; "
+                          "allowed: a UTF-8 encoded YAML file") from None
+    except DuplicateKeyError as e:
+        raise ParamsError(f"{path}: {e}") from None
     except yaml.YAMLError as e:
         raise ParamsError(f"{path}: not valid YAML: {e}") from None
+
+
+def _read_yaml(path: Path) -> dict:
+    data = read_yaml_text(path)
     if not isinstance(data, dict):
         raise ParamsError(f"{path}: expected a mapping of keys to values, got {type(data).__name__}")
     return data
@@ -620,13 +688,13 @@ def _experiment_yaml(path: Path, seen: tuple = ()) -> dict:
     if parent is None:
         return data
     source = f"experiments/{path.name}"
-    parent_path = path.with_name(f"{parent}.yaml")
-    if not isinstance(parent, str) or not parent_path.is_file():
-        allowed = sorted(p.stem for p in path.parent.glob("*.yaml") if p != path)
-        raise ParamsError(f"{source}: extends: got {parent!r}; allowed: one of {allowed}")
-    if parent in seen:
-        raise ParamsError(f"{source}: extends: {parent!r} makes a cycle ({' -> '.join(seen + (parent,))})")
-    base = _experiment_yaml(parent_path, seen + (path.stem,))
+    siblings = sorted(p.stem for p in path.parent.glob("*.yaml"))
+    if parent not in siblings:  # a name, never a path such as ../params
+        raise ParamsError(f"{source}: extends: got {parent!r}; allowed: one of {[s for s in siblings if s != path.stem]}")
+    chain = seen + (path.stem,)
+    if parent in chain:
+        raise ParamsError(f"{source}: extends: {parent!r} makes a cycle ({' -> '.join(chain + (parent,))})")
+    base = _experiment_yaml(path.with_name(f"{parent}.yaml"), chain)
     base.pop("description", None)
     return merged(base, data)
 
@@ -662,6 +730,12 @@ def load_study(root: Path | str = ".", params_file: str = "params.yaml") -> Stud
     """Read and cross-validate params.yaml, experiments/*.yaml and ablations/*/ablation.yaml."""
     root = Path(root).resolve()
     params = _validate(Params, _read_yaml(root / params_file), params_file)
+    corpus = params.data.tracked_corpus(root)
+    if corpus is not None and root.is_relative_to((root / corpus).resolve()):
+        key = "data.files" if params.data.source == "files" else "data.hf_name"
+        raise ParamsError(f"{params_file}: {key}: {getattr(params.data, key[5:])!r} is rooted at {corpus!r}, which "
+                          "holds the study itself (its outputs in build/); allowed: a path under a corpus folder, e.g. "
+                          "'corpus/**/*.txt', which DVC tracks as the prepare stage's dependency")
     experiments = {
         p.stem: _validate(Experiment, {"name": p.stem, **_experiment_yaml(p)}, f"experiments/{p.name}")
         for p in sorted((root / "experiments").glob("*.yaml"))

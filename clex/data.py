@@ -5,6 +5,12 @@ local files; one row per document for a Hugging Face dataset). The split is by d
 hash of (split_seed, document id), so it does not depend on file-system order or on which other
 documents exist. The tokenizer is trained on the train split only. Everything is written into a
 temporary sibling folder and moved into place at the end, so a failure leaves no half-written data.
+
+A local corpus (`data.source: files`) keeps only UTF-8 text files: a file with a NUL byte or bytes that are
+not UTF-8 (binary, or text in another encoding) is skipped with a warning naming it and listed in the
+manifest (`skipped_files`), since it would otherwise become a garbled document. A corpus too small for the
+study (under 3 documents, no test document of the longest eval length, a train or validation split shorter
+than one such window) stops the stage with a ParamsError naming the data key: exit 2, nothing written.
 """
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ import math
 import shutil
 import sys
 import sysconfig
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -22,7 +29,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from clex.config import DataConfig
+from clex.config import DataConfig, ParamsError
 from clex.tracking import file_sha256
 
 EOS = "<|endoftext|>"
@@ -62,16 +69,40 @@ def _load_hf(cfg: DataConfig) -> tuple[list[str], list[str]]:
     return [f"{cfg.hf_split}:{i}" for i in range(len(ds))], ds[cfg.text_field]
 
 
+def _is_text(path: Path) -> bool:
+    """UTF-8 text: no NUL byte (the mark of a binary file) and every byte sequence valid UTF-8."""
+    data = path.read_bytes()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return b"\0" not in data
+
+
+def corpus_name(cfg: DataConfig) -> str:
+    """The params key and value that name the corpus, for messages: "data.files: 'corpus/*.txt'"."""
+    if cfg.source == "files":
+        return f"data.files: {cfg.files!r}"
+    return f"data.hf_name: {cfg.hf_name!r}" if cfg.source == "hf" else "data.source: 'stdlib'"
+
+
 def load_documents(cfg: DataConfig) -> tuple[list[str], list[str], dict]:
-    """(ids, texts, provenance) for the configured source; empty documents are dropped."""
+    """(ids, texts, provenance) for the configured source; empty documents are dropped, and so are local files
+    that are not UTF-8 text (with a warning naming them; provenance `skipped_files`)."""
     if cfg.source == "stdlib":
         root = Path(sysconfig.get_paths()["stdlib"])
         ids, texts = _load_text_files(stdlib_files(), root)
         where = {"stdlib": str(root), "python_version": sys.version.split()[0]}
     elif cfg.source == "files":
         paths = sorted(Path(p) for p in glob.glob(cfg.files, recursive=True) if Path(p).is_file())
-        ids, texts = _load_text_files(paths, None)
-        where = {"files": cfg.files}
+        skipped = [str(p) for p in paths if not _is_text(p)]
+        if skipped:
+            warnings.warn(f"{corpus_name(cfg)}: skipped {len(skipped)} of {len(paths)} files that are not UTF-8 text "
+                          f"(binary, or another encoding): {', '.join(skipped[:10])}" + (" ..." if len(skipped) > 10 else ""),
+                          stacklevel=2)
+            paths = [p for p in paths if str(p) not in skipped]
+        ids, texts = _load_text_files(paths, None) if paths else ([], [])
+        where = {"files": cfg.files, **({"skipped_files": skipped} if skipped else {})}
     else:
         ids, texts = _load_hf(cfg)
         where = {"hf_name": cfg.hf_name, "hf_config": cfg.hf_config, "hf_split": cfg.hf_split}
@@ -94,11 +125,14 @@ def split_documents(ids: list[str], cfg: DataConfig) -> dict[str, list[int]]:
         order = order[: cfg.max_documents]
     n = len(order)
     if n < 3:
-        raise ValueError(f"the corpus has {n} non-empty documents; at least 3 are needed (train, val, test)")
+        raise ParamsError(f"{corpus_name(cfg)}: the corpus has {n} non-empty documents; allowed: a corpus of at least "
+                          "3 (train, val, test)")
     n_test = max(1, math.ceil(cfg.test_fraction * n))
     n_val = max(1, math.ceil(cfg.val_fraction * n))
     if n_test + n_val >= n:
-        raise ValueError(f"{n} documents leave none for training with the val/test fractions given")
+        raise ParamsError(f"{corpus_name(cfg)}: {n} documents leave none for training with data.test_fraction "
+                          f"{cfg.test_fraction} and data.val_fraction {cfg.val_fraction}; allowed: more documents or "
+                          "smaller fractions")
     return {"test": order[:n_test], "val": order[n_test:n_test + n_val], "train": order[n_test + n_val:]}
 
 
@@ -146,11 +180,16 @@ def prepare(cfg: DataConfig, out_dir: Path, *, test_len: int) -> dict:
         long = [(ids[i], p) for i, p in zip(split["test"], test_parts) if p.size >= test_len][: cfg.max_test_docs]
         if not long:
             longest = max(p.size for p in test_parts)
-            raise ValueError(
-                f"no test document has {test_len} tokens (the longest eval length); the longest has {longest}. "
-                "Allowed: a corpus with longer documents, a larger data.test_fraction or data.max_documents, "
+            raise ParamsError(
+                f"{corpus_name(cfg)}: no test document has {test_len} tokens (the longest eval length); the longest has "
+                f"{longest}. Allowed: a corpus with longer documents, a larger data.test_fraction or data.max_documents, "
                 "or shorter eval.lengths"
             )
+        for name in ("train", "val"):  # the validation windows (and any training) need one window of test_len + 1
+            if counts[f"{name}_tokens"] <= test_len + 1:
+                raise ParamsError(f"{corpus_name(cfg)}: the {name} split has {counts[f'{name}_tokens']} tokens; a "
+                                  f"window of the longest eval length needs more than {test_len + 1}; allowed: a larger "
+                                  f"corpus{', a larger data.val_fraction' if name == 'val' else ''} or shorter eval.lengths")
         test_ids = [d for d, _ in long]
         np.savez(tmp / "test.npz", tokens=np.stack([p[:test_len] for _, p in long]), ids=np.array(test_ids))
         counts.update(test_documents=len(test_parts), test_documents_used=len(long), test_len=test_len)

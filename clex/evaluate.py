@@ -10,7 +10,7 @@ teacher-forced digit accuracy and exact-match share, overall and per needle dept
 the primary protocol (the first of `eval.protocols`).
 
 Protocols (`eval.protocols`; each run's `eval_protocol` tag, printed in every report):
-- progressive (the official CLEX evaluation, method.md §5 and §3.6): the windows of `nonoverlapping`, each
+- progressive (the official CLEX evaluation, docs/method.md §5 and §3.6): the windows of `nonoverlapping`, each
   fed in chunks of L = model.train_len tokens through a KV cache that keeps keys un-rotated
   (`clex.model.KVCache`). Before chunk j (0-based) runs, the context holds (j+1)·L tokens, so the chunk runs
   at t = inference_t((j+1)·L) (j+1 capped at t_max for CLEX, (j+1) for Dynamic NTK), every cached key is
@@ -24,6 +24,10 @@ Protocols (`eval.protocols`; each run's `eval_protocol` tag, printed in every re
   window has no context and is not predicted), including those with short context.
 - sliding: windows of n tokens advanced by `eval.stride`; the first window scores all its predictions,
   later ones only their last `stride` (each token scored once, with at least n - stride tokens of context).
+
+A NaN or infinite PPL, NLL or passkey score stops the stage (`NonFiniteError`, exit 2) before any MLflow run
+is created or the eval JSON written, naming the run, split, length and the likely cause (a non-finite tensor
+of the checkpoint, a non-finite θ(t) table, or else an overflow in the forward).
 """
 from __future__ import annotations
 
@@ -38,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from clex import tracking
-from clex.config import EvalConfig, Experiment, ParamsError, Study
+from clex.config import EvalConfig, Experiment, NonFiniteError, ParamsError, Study
 from clex.data import FixedWindows, data_hash, load_test_docs, load_tokens
 from clex.passkey import eval_set, passkey_accuracy
 from clex.train import PLAIN, base_dir, data_dir, finetune_dir, load_checkpoint, passkey_format
@@ -88,12 +92,62 @@ def perplexity(model, docs: torch.Tensor, length: int, cfg: EvalConfig, protocol
             if protocol == "progressive":  # row jL-1 predicts token jL, the first of chunk j >= 1
                 boundary_nll += row[L - 1::L].double().sum().item()
                 boundary += row[L - 1::L].numel()
-    out = {"nll": nll, "tokens": count, "ppl": math.exp(nll / count), "t": model.context_t(length)}
+    out = {"nll": nll, "tokens": count, "ppl": _ppl(nll, count), "t": model.context_t(length)}
     if protocol == "progressive":
         out["t_chunks"] = [model.context_t(min(length, (j + 1) * L)) for j in range(math.ceil(length / L))]
         official = (nll - boundary_nll, count - boundary)
-        out["official"] = {"nll": official[0], "tokens": official[1], "ppl": math.exp(official[0] / official[1])}
+        out["official"] = {"nll": official[0], "tokens": official[1], "ppl": _ppl(*official)}
     return out
+
+
+def _ppl(nll: float, tokens: int) -> float:
+    """exp(mean NLL); inf where that overflows a float (math.exp would raise), so the non-finite check names it."""
+    try:
+        return math.exp(nll / tokens)
+    except OverflowError:
+        return math.inf
+
+
+def _numbers(d: dict, prefix: str = ""):
+    """(dotted key, value) of every float in a nested result dict."""
+    for k, v in d.items():
+        if isinstance(v, dict):
+            yield from _numbers(v, f"{prefix}{k}.")
+        elif isinstance(v, float):
+            yield f"{prefix}{k}", v
+
+
+def nonfinite_cause(model, ckpt: Path) -> str:
+    """The likely cause of a non-finite result: the checkpoint's non-finite tensors (by name), a non-finite
+    θ(t) table of the position encoding, or, with both finite, an overflow in the forward."""
+    bad = [(k, int((~torch.isfinite(v)).sum())) for k, v in model.state_dict().items()
+           if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        more = f" and {len(bad) - 1} more tensors" if len(bad) > 1 else ""
+        return f"the checkpoint {ckpt} holds non-finite weights: {bad[0][0]} ({bad[0][1]} NaN/inf values){more}"
+    with torch.no_grad():
+        table = model.rope.frequency_table()
+    if not torch.isfinite(table).all():
+        t = int(torch.nonzero(~torch.isfinite(table))[0, 0]) + 1
+        return f"the position encoding's θ(t) table is non-finite from t = {t} (the checkpoint's weights are finite)"
+    return "an overflow in the forward at this length (the checkpoint's weights and θ(t) table are finite)"
+
+
+def check_finite(scores: dict, passkey: dict, model, ckpt: Path, stage: str, exp: str, seed: int, primary: str,
+                 trained_by: str) -> None:
+    """NonFiniteError naming the run (stage, experiment, seed, protocol), the split, the length, the likely
+    cause and the training stage that wrote the checkpoint, for the first NaN or infinite PPL, NLL or passkey
+    score; nothing is logged or written before this."""
+    found = [(protocol, split, n, key, v) for protocol, by_split in scores.items() for split, by_n in by_split.items()
+             for n, r in by_n.items() for key, v in _numbers(r) if not math.isfinite(v)]
+    found += [(primary, "passkey", n, key, v) for n, r in passkey.items() for key, v in _numbers(r) if not math.isfinite(v)]
+    if found:
+        protocol, split, n, key, v = found[0]
+        raise NonFiniteError(
+            f"{stage} (experiment {exp}, seed {seed}, protocol {protocol}): {split} {key} at length {n} is {v} "
+            f"({len(found)} non-finite values in all); likely cause: {nonfinite_cause(model, ckpt)}. Nothing was "
+            f"logged or written. Fix: if the file was damaged, `dvc repro --force {trained_by}`; if that training "
+            "diverged, change its recipe (e.g. a lower lr)")
 
 
 def eval_path(study: Study, experiment: str, seed: int | None) -> Path:
@@ -137,6 +191,8 @@ def evaluate(study: Study, experiment: str, seed: int | None = None) -> Path:
     passkey = {n: passkey_accuracy(model, *eval_set(fmt, test_docs, n, p.passkey.depths, p.passkey.samples,
                                                     p.passkey.seed), p.passkey.depths, p.eval.batch_size, forward)
                for n in p.eval.lengths}
+    trained_by = "pretrain" if experiment == "base" else tracking.stage_name("finetune", study.checkpoint_of(experiment), seed)
+    check_finite(scores, passkey, model, src / "model.pt", stage, exp.name, seed, primary, trained_by)
 
     def ppl(protocol: str, split: str) -> dict:
         return {str(n): r["ppl"] for n, r in scores[protocol][split].items()}

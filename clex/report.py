@@ -12,13 +12,14 @@ validation PPL per protocol, passkey accuracy), ppl_by_length.csv (DVC plots: th
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
 import numpy as np
 
 from clex import tracking
-from clex.config import Study
+from clex.config import NonFiniteError, Study
 from clex.stats import mean_ci, min_p, paired
 
 PROTOCOL_DESCRIPTIONS = {  # one line each; the definitions are in docs/protocols.md
@@ -79,11 +80,17 @@ def run_values(c, run_id: str) -> tuple[dict, str]:
 def rows(experiment: str, seed: int, protocol: str, run_id: str, values: dict, lengths: list[int],
          keys: list[str]) -> list[dict]:
     """One long-format row per length: experiment, seed, protocol, length, the `keys` of `values` at that
-    length, run_id. A key the run did not log at a length is an error naming the run."""
+    length, run_id. A key the run did not log at a length, or a NaN or infinite value, is an error naming the run."""
     missing = [(k, n) for k in keys for n in lengths if n not in values.get(k, {})]
     if missing:
         raise ValueError(f"MLflow run {run_id} ({experiment}, seed {seed}, protocol {protocol}) has no "
                          f"{missing[:4]} (metric, length); rerun its evaluation stage (dvc repro)")
+    bad = [(k, n, values[k][n]) for k in keys for n in lengths if not math.isfinite(values[k][n])]
+    if bad:
+        k, n, v = bad[0]
+        raise NonFiniteError(f"MLflow run {run_id} ({experiment}, seed {seed}, protocol {protocol}): metric {k} at "
+                             f"length {n} is {v} ({len(bad)} non-finite values); the report refuses non-finite results: "
+                             "rerun that evaluation on a sound checkpoint (dvc repro --force its evaluate stage)")
     return [{"experiment": experiment, "seed": seed, "protocol": protocol, "length": n,
              **{k: values[k][n] for k in keys}, "run_id": run_id} for n in lengths]
 

@@ -1,17 +1,25 @@
 """MLflow conventions: where the store is, how runs are named and tagged, and what every run carries.
 
 The store defaults to a sqlite file at the study root (`MLFLOW_TRACKING_URI` overrides it) and
-artifacts are anchored at `<root>/mlruns` whatever the stage's working directory (stack.md: otherwise
+artifacts are anchored at `<root>/mlruns` whatever the stage's working directory (MLflow 3.17: otherwise
 they land relative to the cwd at experiment creation). Every run gets the flattened params and the
 tags that make its numbers traceable: experiment, seed, ablations, git commit, data hash, checkpoint
 hash, eval protocol, DVC stage.
+
+MLflow stores those artifact locations as absolute URIs, so a study folder that was moved (or copied)
+would send new artifacts to the old path. The locations follow the root instead: when the store is the
+study's own `<root>/mlflow.db` and its experiment points at another folder's `mlruns`, every location
+under that `mlruns` is rewritten to `<root>/mlruns` (the folder moved with the study), with one line saying so.
 """
 from __future__ import annotations
 
 import hashlib
 import os
+import sqlite3
 import subprocess
+import sys
 from pathlib import Path
+from urllib.parse import unquote, urlparse
 
 MLFLOW_EXPERIMENT = "clex-study"
 
@@ -28,12 +36,41 @@ def client(root: Path):
 
 
 def experiment_id(root: Path, name: str = MLFLOW_EXPERIMENT) -> str:
-    """The MLflow experiment, created on first use with its artifact location at <root>/mlruns."""
+    """The MLflow experiment, created on first use with its artifact location at <root>/mlruns (which follows
+    a moved study folder: `_follow_root`)."""
     c = client(root)
     exp = c.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    return c.create_experiment(name, artifact_location=(Path(root).resolve() / "mlruns").as_uri())
+    artifacts = (Path(root).resolve() / "mlruns").as_uri()
+    if exp is None:
+        return c.create_experiment(name, artifact_location=artifacts)
+    if exp.artifact_location != artifacts:
+        _follow_root(root, exp.artifact_location, artifacts)
+    return exp.experiment_id
+
+
+def _follow_root(root: Path, old: str, new: str) -> None:
+    """Rewrite `old` (another folder's .../mlruns) to `new` (<root>/mlruns) in every artifact location of the
+    study's own sqlite store: the study was moved or copied with its mlflow.db and mlruns/. MLflow has no API to
+    change an artifact location, hence SQL on its tables (experiments, runs, MLflow 3's logged_models). A store
+    given by MLFLOW_TRACKING_URI elsewhere, or a location not ending in /mlruns, is left as it is (a shared or
+    deliberately configured store)."""
+    db = Path(root).resolve() / "mlflow.db"
+    uri = tracking_uri(root)
+    if not (uri.startswith("sqlite:///") and Path(uri.removeprefix("sqlite:///")).resolve() == db):
+        return
+    if urlparse(old).scheme != "file" or not old.rstrip("/").endswith("/mlruns"):
+        return
+    old = old.rstrip("/")
+    with sqlite3.connect(db, timeout=60) as con:
+        tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        for table, column in (("experiments", "artifact_location"), ("runs", "artifact_uri"),
+                              ("logged_models", "artifact_location")):
+            if table in tables:
+                con.execute(f"UPDATE {table} SET {column} = ? || substr({column}, ?) "
+                            f"WHERE {column} = ? OR substr({column}, 1, ?) = ?",
+                            (new, len(old) + 1, old, len(old) + 1, old + "/"))
+    print(f"MLflow: {db} kept artifacts under {unquote(urlparse(old).path)}; the study is now at {Path(root).resolve()}, "
+          f"so its artifact locations now point to {unquote(urlparse(new).path)}", file=sys.stderr)
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, str]:

@@ -83,18 +83,18 @@ def test_finetune_config_merges_overrides_and_extends(tmp_path):
     study = make_study(tmp_path)
     (study / "experiments" / "clex.yaml").write_text(
         (study / "experiments" / "clex.yaml").read_text() + "finetune: {lr: 2.0e-5, betas: [0.9, 0.999], accumulate: 2}\n")
-    (study / "experiments" / "clex_child.yaml").write_text("extends: clex\nfinetune: {rope_step: 0.08}\n")
+    (study / "experiments" / "clex_child.yaml").write_text("extends: clex\nfinetune: {rope_step: 0.05}\n")
     s = load_study(study)
     base = s.params.finetune
     assert s.finetune_config("naive_ft") == base
     child = s.finetune_config("clex_child")
     assert trial_optim(s) == s.finetune_config("clex")  # the sweep's trials (sweep.experiment: clex)
     assert trial_optim(s).lr == 2e-5
-    assert (child.lr, child.betas, child.accumulate, child.rope_step) == (2e-5, [0.9, 0.999], 2, 0.08)
+    assert (child.lr, child.betas, child.accumulate, child.rope_step) == (2e-5, [0.9, 0.999], 2, 0.05)
     assert child.seeds == base.seeds and child.steps == base.steps
     defaults = yaml.safe_load((study / "params.yaml").read_text())
     assert defaults["finetune"]["betas"] == [0.9, 0.95] and defaults["finetune"]["accumulate"] == 1
-    assert defaults["finetune"]["rope_lr"] is None and defaults["finetune"]["rope_step"] is None
+    assert defaults["finetune"]["rope_lr"] is None and defaults["finetune"]["rope_step"] == 0.08  # ablations/recipe
     assert defaults["pretrain"]["betas"] == [0.9, 0.95] and defaults["pretrain"]["accumulate"] == 1
 
 

@@ -76,7 +76,9 @@ def test_dvc_stage_records_trials_prunes_and_resumes(sweep_study):
         assert r.data.metrics["objective"] == pytest.approx(t.value) == pytest.approx(history[3])
         assert r.data.metrics["val_ppl_64"] == pytest.approx(t.value)  # one objective length: 2×L = 64
         # what every CLEX fine-tune records: the recipe knobs, the basis monitor, the solver check
-        assert r.data.params["rope_lr_resolved"] == r.data.params["finetune.lr"] and "finetune.accumulate" in r.data.params
+        rope_step, scale = float(r.data.params["finetune.rope_step"]), float(r.data.params["rope_step_scale"])
+        assert float(r.data.params["rope_lr_resolved"]) == pytest.approx(rope_step / scale)  # lr = rope_step / S
+        assert "finetune.accumulate" in r.data.params
         monitored = client.get_metric_history(r.info.run_id, f"basis_max_dz_t{t.params['t_max']}")
         assert [m.step for m in monitored] == [1, 2, 3] and 0 <= r.data.metrics["solver_max_rel_error"] < 1e-4
     metrics = json.loads((study / f"reports/sweeps/{name}/metrics.json").read_text())
