@@ -58,6 +58,12 @@ def test_bad_recipe_params_name_key_and_value(tmp_path, override, words):
     assert all(w in str(e.value) for w in words), str(e.value)
 
 
+def set_finetune(path, override: dict) -> None:
+    """Replace the experiment file's `finetune:` overrides (clex.yaml has its own: accumulate 4)."""
+    spec = yaml.safe_load(path.read_text())
+    path.write_text(yaml.safe_dump({**spec, "finetune": override}))
+
+
 @pytest.mark.parametrize("override,words", [
     ({"accumulate": 3}, ["experiments/clex.yaml: finetune.accumulate: got 3"]),
     ({"seeds": [5]}, ["experiments/clex.yaml: finetune.seeds: [5]", "but seeds"]),
@@ -72,8 +78,7 @@ def test_bad_experiment_overrides_name_the_experiment_file(tmp_path, override, w
         params["sweep"].update(val_every_n_steps=2, prune_after_steps=1)
         params["finetune"]["steps"] = 4
         (study / "params.yaml").write_text(yaml.safe_dump(params))
-    path = study / "experiments" / "clex.yaml"
-    path.write_text(path.read_text() + yaml.safe_dump({"finetune": override}))
+    set_finetune(study / "experiments" / "clex.yaml", override)
     with pytest.raises(ParamsError) as e:
         load_study(study)
     assert all(w in str(e.value) for w in words), str(e.value)
@@ -81,8 +86,7 @@ def test_bad_experiment_overrides_name_the_experiment_file(tmp_path, override, w
 
 def test_finetune_config_merges_overrides_and_extends(tmp_path):
     study = make_study(tmp_path)
-    (study / "experiments" / "clex.yaml").write_text(
-        (study / "experiments" / "clex.yaml").read_text() + "finetune: {lr: 2.0e-5, betas: [0.9, 0.999], accumulate: 2}\n")
+    set_finetune(study / "experiments" / "clex.yaml", {"lr": 2.0e-5, "betas": [0.9, 0.999], "accumulate": 2})
     (study / "experiments" / "clex_child.yaml").write_text("extends: clex\nfinetune: {rope_step: 0.05}\n")
     s = load_study(study)
     base = s.params.finetune
