@@ -6,6 +6,7 @@ before anything is written; so does a non-finite result (`NonFiniteError`: which
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from pathlib import Path
@@ -44,7 +45,8 @@ def _validate(study: Study, args) -> None:
 def _prepare(study: Study, args) -> None:
     from clex.data import prepare
 
-    manifest = prepare(study.params.data, study.root / "build" / "data", test_len=study.params.max_eval_len)
+    manifest = prepare(study.params.data, study.root / "build" / "data", test_len=study.params.max_eval_len,
+                       root=study.root)
     print(f"prepared data {manifest['data_hash'][:12]}: {manifest['counts']}")
 
 
@@ -189,6 +191,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except NotebookError as e:  # a notebook raised: its name, cell and error, and where the executed copy is
         print(f"clex {args.command}: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # a full disk (or quota, or file-size limit): one line, not a traceback
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise
+        print(f"clex {args.command}: no space to write\n{e}. Outputs are written to a temporary file and renamed into "
+              "place, so none was left half-written; free space and rerun the stage.", file=sys.stderr)
         return 1
 
 

@@ -61,17 +61,22 @@ class DataConfig(Strict):
     max_test_docs: int = Field(32, ge=1)
 
     @model_validator(mode="after")
-    def _source_fields(self) -> "DataConfig":
+    def _source_fields(self, info: ValidationInfo) -> "DataConfig":
         if self.source == "files":
             if not self.files:
                 raise ValueError("data.files: required when data.source is 'files' (a glob of text files)")
-            if not any(Path(p).is_file() for p in glob.glob(self.files, recursive=True)):
+            root = (info.context or {}).get("root", ".")  # load_study's: the study root
+            if not any(Path(p).is_file() for p in glob.glob(self.corpus_glob(root), recursive=True)):
                 raise ValueError(
                     f"data.files: {self.files!r} matches no file; allowed: a glob matching at least one text file"
                 )
         if self.source == "hf" and not self.hf_name:
             raise ValueError("data.hf_name: required when data.source is 'hf' (a dataset name or local path)")
         return self
+
+    def corpus_glob(self, root: Path | str = ".") -> str:
+        """The `files` glob as read: a relative glob is relative to the study root, not the current directory."""
+        return str(Path(root) / self.files)
 
     def tracked_corpus(self, root: Path) -> str | None:
         """The local path DVC tracks for the corpus, as a dependency of `prepare` (so an edited, added or removed
@@ -699,9 +704,9 @@ def _experiment_yaml(path: Path, seen: tuple = ()) -> dict:
     return merged(base, data)
 
 
-def _validate(cls, data: dict, source: str):
+def _validate(cls, data: dict, source: str, context: dict | None = None):
     try:
-        return cls.model_validate(data)
+        return cls.model_validate(data, context=context)
     except ValidationError as e:
         raise ParamsError(_format(e, source)) from None
 
@@ -729,7 +734,7 @@ def _finetune_config(base: FinetuneConfig, exp: Experiment) -> FinetuneConfig:
 def load_study(root: Path | str = ".", params_file: str = "params.yaml") -> Study:
     """Read and cross-validate params.yaml, experiments/*.yaml and ablations/*/ablation.yaml."""
     root = Path(root).resolve()
-    params = _validate(Params, _read_yaml(root / params_file), params_file)
+    params = _validate(Params, _read_yaml(root / params_file), params_file, {"root": root})
     corpus = params.data.tracked_corpus(root)
     if corpus is not None and root.is_relative_to((root / corpus).resolve()):
         key = "data.files" if params.data.source == "files" else "data.hf_name"

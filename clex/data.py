@@ -57,11 +57,13 @@ def _load_text_files(paths: list[Path], root: Path | None) -> tuple[list[str], l
     return ids, ds["text"]
 
 
-def _load_hf(cfg: DataConfig) -> tuple[list[str], list[str]]:
-    """A Hugging Face dataset by name (needs a network) or by local path; one row per document."""
+def _load_hf(cfg: DataConfig, root: Path | str) -> tuple[list[str], list[str]]:
+    """A Hugging Face dataset by name (needs a network) or by local path (relative to the study root); one row
+    per document."""
     import datasets
 
-    ds = datasets.load_dataset(cfg.hf_name, cfg.hf_config, split=cfg.hf_split)
+    local = Path(root) / cfg.hf_name
+    ds = datasets.load_dataset(str(local) if local.exists() else cfg.hf_name, cfg.hf_config, split=cfg.hf_split)
     if cfg.text_field not in ds.column_names:
         raise ValueError(
             f"data.text_field: got {cfg.text_field!r}; allowed: a column of {cfg.hf_name!r}: {ds.column_names}"
@@ -86,25 +88,28 @@ def corpus_name(cfg: DataConfig) -> str:
     return f"data.hf_name: {cfg.hf_name!r}" if cfg.source == "hf" else "data.source: 'stdlib'"
 
 
-def load_documents(cfg: DataConfig) -> tuple[list[str], list[str], dict]:
+def load_documents(cfg: DataConfig, root: Path | str = ".") -> tuple[list[str], list[str], dict]:
     """(ids, texts, provenance) for the configured source; empty documents are dropped, and so are local files
-    that are not UTF-8 text (with a warning naming them; provenance `skipped_files`)."""
+    that are not UTF-8 text (with a warning naming them; provenance `skipped_files`). A relative `data.files`
+    glob is read from the study `root` (not the current directory), and its documents' ids are paths relative
+    to the root, so the split does not depend on where the study folder lies or where the command runs."""
     if cfg.source == "stdlib":
-        root = Path(sysconfig.get_paths()["stdlib"])
-        ids, texts = _load_text_files(stdlib_files(), root)
-        where = {"stdlib": str(root), "python_version": sys.version.split()[0]}
+        stdlib = Path(sysconfig.get_paths()["stdlib"])
+        ids, texts = _load_text_files(stdlib_files(), stdlib)
+        where = {"stdlib": str(stdlib), "python_version": sys.version.split()[0]}
     elif cfg.source == "files":
-        paths = sorted(Path(p) for p in glob.glob(cfg.files, recursive=True) if Path(p).is_file())
+        paths = sorted(Path(p) for p in glob.glob(cfg.corpus_glob(root), recursive=True) if Path(p).is_file())
         skipped = [str(p) for p in paths if not _is_text(p)]
         if skipped:
             warnings.warn(f"{corpus_name(cfg)}: skipped {len(skipped)} of {len(paths)} files that are not UTF-8 text "
                           f"(binary, or another encoding): {', '.join(skipped[:10])}" + (" ..." if len(skipped) > 10 else ""),
                           stacklevel=2)
             paths = [p for p in paths if str(p) not in skipped]
-        ids, texts = _load_text_files(paths, None) if paths else ([], [])
+        relative_to = None if Path(cfg.files).is_absolute() else Path(root)
+        ids, texts = _load_text_files(paths, relative_to) if paths else ([], [])
         where = {"files": cfg.files, **({"skipped_files": skipped} if skipped else {})}
     else:
-        ids, texts = _load_hf(cfg)
+        ids, texts = _load_hf(cfg, root)
         where = {"hf_name": cfg.hf_name, "hf_config": cfg.hf_config, "hf_split": cfg.hf_split}
     keep = [i for i, t in enumerate(texts) if t and t.strip()]
     return [ids[i] for i in keep], [texts[i] for i in keep], where
@@ -157,11 +162,12 @@ def _encode(tok, texts: list[str]) -> list[np.ndarray]:
 
 
 # ------------------------------------------------------------------------------------ the stage
-def prepare(cfg: DataConfig, out_dir: Path, *, test_len: int) -> dict:
+def prepare(cfg: DataConfig, out_dir: Path, *, test_len: int, root: Path | str = ".") -> dict:
     """Write train.bin, val.bin (uint16 token streams, documents joined by EOS), test.npz (test documents
-    with at least `test_len` tokens, cut to test_len), tokenizer.json and manifest.json into out_dir."""
+    with at least `test_len` tokens, cut to test_len), tokenizer.json and manifest.json into out_dir; a
+    relative corpus glob is read from the study `root` (`load_documents`)."""
     out_dir = Path(out_dir)
-    ids, texts, where = load_documents(cfg)
+    ids, texts, where = load_documents(cfg, root)
     split = split_documents(ids, cfg)
     tok = train_tokenizer([texts[i] for i in split["train"]], cfg.vocab_size)
     eos = tok.token_to_id(EOS)
@@ -263,9 +269,30 @@ class FixedWindows(TokenWindows):
         return int(self.offsets[i])
 
 
+class Resumed(Dataset):
+    """`dataset` from item `start` on (item i is dataset[start + i], wrapping at the end), with the same length:
+    a resumed run's loader yields exactly the items an uninterrupted one would yield from that point, while
+    Lightning's restored batch counters (which continue from the checkpoint) still match its length."""
+
+    def __init__(self, dataset: Dataset, start: int):
+        self.dataset, self.start = dataset, start
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.dataset[(self.start + i) % len(self.dataset)]
+
+
 class TokenDataModule(L.LightningDataModule):
     """Training windows (random, seeded; optionally mixed with passkey examples) and validation windows
-    (fixed, never mixed) from the prepared token streams."""
+    (fixed, never mixed) from the prepared token streams.
+
+    Training resumes where it stopped: a trainer restored from a checkpoint has taken `global_step` updates of
+    `accumulate_grad_batches` micro-batches on every rank, i.e. consumed the first `consumed_samples()` windows
+    (checkpoints are taken at update boundaries, clex.train.StepCheckpoint), so its loader starts after them
+    (`Resumed`); under DDP each rank's share of the rest is then the one it would have had.
+    """
 
     def __init__(self, data_dir: Path, seq_len: int, batch_size: int, train_samples: int, val_windows: int,
                  seed: int, num_workers: int = 0, passkey: tuple | None = None, val_lengths: list[int] | None = None,
@@ -281,13 +308,19 @@ class TokenDataModule(L.LightningDataModule):
         return DataLoader(ds, batch_size=batch_size or self.batch_size, shuffle=False, drop_last=False,
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
+    def consumed_samples(self) -> int:
+        """Training windows the attached trainer's restored updates consumed (0 before the first update)."""
+        t = self.trainer
+        return 0 if t is None else t.global_step * t.accumulate_grad_batches * self.batch_size * t.world_size
+
     def train_dataloader(self) -> DataLoader:
         windows = TokenWindows(load_tokens(self.data_dir, "train"), self.seq_len, self.train_samples, self.seed)
         if self.passkey is not None:
             from clex.passkey import PasskeyMix
 
             windows = PasskeyMix(windows, *self.passkey, seed=self.seed)
-        return self._loader(windows)
+        start = self.consumed_samples()
+        return self._loader(Resumed(windows, start) if start else windows)
 
     def val_dataloader(self) -> DataLoader | list[DataLoader]:
         tokens = load_tokens(self.data_dir, "val")

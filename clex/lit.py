@@ -93,6 +93,18 @@ class LitDecoder(L.LightningModule):
         self.tokens_seen = 0
         # val_by_length (the sweep): one validation loader per length; logs val_ppl_<n> and their mean val_ppl
         self.val_by_length, self._val_nll = val_by_length, {}
+        self.restored_metrics: dict[str, float] = {}  # the checkpoint's, when resumed (`final_metrics`)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["callback_metrics"] = {k: float(v) for k, v in self.trainer.callback_metrics.items()}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.restored_metrics = checkpoint.get("callback_metrics", {})
+
+    def final_metrics(self) -> dict[str, float]:
+        """The last value of every metric logged through Lightning, as an uninterrupted run ends with them: a
+        resumed run's own, over those its checkpoint held (e.g. a val_loss of a validation before the resume)."""
+        return {**self.restored_metrics, **{k: float(v) for k, v in self.trainer.callback_metrics.items()}}
 
     def scale_and_positions(self, seq_len: int, micro: int = 0) -> tuple[int, torch.Tensor | None]:
         """(t, positions on this device) for micro-batch `micro` of this step; see `scale_and_positions`."""

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from clex import tracking
-from clex.config import NonFiniteError, Study
+from clex.config import NonFiniteError, ParamsError, Study
 from clex.stats import mean_ci, min_p, paired
 
 PROTOCOL_DESCRIPTIONS = {  # one line each; the definitions are in docs/protocols.md
@@ -227,33 +227,72 @@ def passkey_section(df, ab, names, lengths, seeds, L, passkey, primary: str) -> 
 
 
 # ---------------------------------------------------------------------------- the report
-def load_frame(study: Study, names: list[str]):
+class MissingRunsError(ParamsError):
+    """Evaluation runs that eval JSONs name are not in the MLflow store, or did not finish (`check_runs`)."""
+
+    kind = "MLflow runs missing"
+
+
+def check_runs(study: Study, ablation: str, evals: dict[str, tuple[Path, dict]]) -> None:
+    """Every run that the eval JSONs of an ablation ({stage: (path, record)}) name must be in the store and
+    FINISHED, else MissingRunsError naming each stage, its runs and the command that recreates them.
+
+    A deleted or replaced mlflow.db (or a run deleted in the UI) loses them; a stage killed between moving its
+    eval JSON into place and closing its runs leaves them RUNNING. DVC cannot see either (it hashes files, not
+    a database), so the command forces those stages (`--single-item`: them only, not their upstream stages;
+    `--force`: DVC's run cache would otherwise restore the same JSON, naming the same runs), then the report
+    (its inputs, the eval JSONs, have changed).
+    """
+    bad = {}
+    for stage, (path, record) in evals.items():
+        for protocol, run_id in protocol_runs(record).items():
+            status = tracking.run_status(study.root, run_id)
+            if status != "FINISHED":
+                bad.setdefault(stage, []).append(
+                    f"{protocol} run {run_id} {'is not in the store' if status is None else 'is ' + status}")
+    if bad:
+        lines = [f"  {stage} ({evals[stage][0].relative_to(study.root)}): {'; '.join(why)}" for stage, why in bad.items()]
+        raise MissingRunsError(
+            f"the MLflow store {tracking.tracking_uri(study.root)} lacks finished runs that {len(bad)} evaluation "
+            "outputs name (a deleted or replaced mlflow.db loses them; a stage interrupted after writing its output "
+            "leaves them RUNNING):\n" + "\n".join(lines) + "\nRecreate them (this reruns only those evaluations), "
+            f"then the report:\n  dvc repro --force --single-item {' '.join(bad)} && dvc repro ablations/{ablation}")
+
+
+def load_frame(study: Study, names: list[str], ablation: str):
     """(long frame of every protocol's rows, protocols in order) for the base model and `names`' seeds, read
-    from the MLflow runs each eval JSON names. Every eval JSON must list the same protocols."""
+    from the MLflow runs each eval JSON names (which must all be there: `check_runs`). Every eval JSON must list
+    the same protocols."""
     import pandas as pd
 
     from clex.evaluate import eval_path  # torch and lightning, only for the eval JSON's path
 
     p = study.params
     depths = [f"depth{d}" for d in p.passkey.depths]
-    c = tracking.client(study.root)
-    records, protocols = [], None
+    evals = {}  # {stage: (path, record)}
     for exp in names:
         for seed in [p.pretrain.seed] if exp == "base" else p.finetune.seeds:
+            stage = "evaluate_base" if exp == "base" else tracking.stage_name("evaluate", exp, seed)
             path = eval_path(study, exp, seed)
-            runs = protocol_runs(json.loads(path.read_text()))
-            if protocols is None:
-                protocols = list(runs)
-            if list(runs) != protocols:
-                raise ValueError(f"{path}: protocols {list(runs)}, other evaluations have {protocols}; rerun the "
-                                 "evaluations (dvc repro) so that all use the same eval.protocols")
-            for i, (proto, run_id) in enumerate(runs.items()):
-                values, tagged = run_values(c, run_id)
-                if tagged != proto:
-                    raise ValueError(f"{path}: run {run_id} is listed for protocol {proto} but tagged "
-                                     f"eval_protocol={tagged}")
-                keys = ["ppl", "val_ppl"] + (["passkey_acc", "passkey_exact"] + depths if i == 0 else [])
-                records += rows(exp, seed, proto, run_id, values, p.eval.lengths, keys)
+            evals[stage] = (path, json.loads(path.read_text()))
+    check_runs(study, ablation, evals)
+    c = tracking.client(study.root)
+    records, protocols = [], None
+    for path, record in evals.values():
+        exp, seed = record["experiment"], record["seed"]
+        runs = protocol_runs(record)
+        if protocols is None:
+            protocols = list(runs)
+        if list(runs) != protocols:
+            raise ValueError(f"{path}: protocols {list(runs)}, other evaluations have {protocols}; rerun the "
+                             "evaluations (dvc repro) so that all use the same eval.protocols")
+        for i, (proto, run_id) in enumerate(runs.items()):
+            values, tagged = run_values(c, run_id)
+            if tagged != proto:
+                raise ValueError(f"{path}: run {run_id} is listed for protocol {proto} but tagged "
+                                 f"eval_protocol={tagged}")
+            keys = ["ppl", "val_ppl"] + (["passkey_acc", "passkey_exact"] + depths if i == 0 else [])
+            records += rows(exp, seed, proto, run_id, values, p.eval.lengths, keys)
     return pd.DataFrame(records), protocols
 
 
@@ -263,7 +302,7 @@ def build_report(study: Study, ablation_name: str) -> Path:
     p = study.params
     L, lengths, seeds = p.model.train_len, p.eval.lengths, p.finetune.seeds
     names = ["base"] + ab.experiments
-    df, protocols = load_frame(study, names)
+    df, protocols = load_frame(study, names, ablation_name)
     primary = df[df.protocol == protocols[0]]
 
     out = study.root / "reports" / ablation_name

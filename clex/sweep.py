@@ -62,6 +62,11 @@ def report_dir(study: Study) -> Path:
     return study.root / "reports" / "sweeps" / study.params.sweep.name
 
 
+def trial_stage(sweep: str, number: int) -> str:
+    """A trial's stage name: its MLflow run name and resume folder build/resume/<stage>."""
+    return f"sweeps/{sweep}/trial{number}"
+
+
 def storage_url(study: Study) -> str:
     cfg = study.params.sweep
     return cfg.storage or f"sqlite:///{sweep_dir(study).with_suffix('.db')}"
@@ -75,8 +80,10 @@ def _storage(study: Study, root: Path) -> optuna.storages.RDBStorage:
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeats
 
     def stale(study_: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        """A trial whose worker died: close its MLflow run, then queue it again with the same parameters."""
+        """A trial whose worker died: close its MLflow run and drop its resume folder (the retry is another trial,
+        trained from the start), then queue it again with the same parameters."""
         _close_trial_run(root, study_.study_name, trial.number, "failed", "KILLED")
+        shutil.rmtree(root / "build" / "resume" / trial_stage(study_.study_name, trial.number), ignore_errors=True)
         optuna.storages.RetryFailedTrialCallback(max_retry=1)(study_, trial)
 
     for attempt in range(3):  # several workers creating the tables of a new database at once
@@ -222,7 +229,7 @@ def objective(study: Study, parent: str):
         optim = trial_optim(study)
         if cfg.lr is not None:
             optim = optim.model_copy(update={"lr": trial.suggest_float("lr", *cfg.lr, log=True)})
-        stage = f"sweeps/{cfg.name}/trial{trial.number}"
+        stage = trial_stage(cfg.name, trial.number)
         spec = RunSpec(
             stage=stage, out_dir=sweep_dir(study) / f"trial{trial.number}", optim=optim,
             val_lengths=[m * p.model.train_len for m in cfg.val_multipliers], val_windows=cfg.val_windows,

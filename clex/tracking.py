@@ -109,6 +109,22 @@ def stage_name(stage: str, experiment: str | None = None, seed: int | None = Non
     return stage if experiment is None else f"{stage}@{experiment}-{seed}"
 
 
+def run_status(root: Path, run_id: str | None) -> str | None:
+    """A run's status (RUNNING, FINISHED, FAILED, KILLED), or None when the store does not hold it (a deleted or
+    replaced mlflow.db, a run deleted in the UI)."""
+    from mlflow.exceptions import MlflowException
+
+    if not run_id:
+        return None
+    try:
+        run = client(root).get_run(run_id)
+    except MlflowException as e:
+        if e.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+    return None if run.info.lifecycle_stage == "deleted" else run.info.status
+
+
 def close_stale_runs(root: Path, stage: str, keep: str | None = None) -> list[str]:
     """Mark runs of this stage left RUNNING by a killed process as KILLED (DVC never runs one stage twice at once)."""
     c = client(root)

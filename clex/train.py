@@ -2,7 +2,12 @@
 
 One function serves both: pretraining is "fine-tuning" plain RoPE from scratch at length L.
 A killed run resumes from its last Lightning checkpoint into the same MLflow run (no orphan run),
-as long as its configuration is unchanged; runs left RUNNING by a crash are marked KILLED.
+as long as its configuration is unchanged; runs left RUNNING by a crash are marked KILLED. The resumed run
+equals an uninterrupted one bit for bit on CPU: checkpoints are taken at update boundaries (`StepCheckpoint`),
+the data continue after the windows already consumed (clex.data.TokenDataModule), t and the positions depend
+only on (seed, step, micro-batch) (clex.lit), and the run's final metrics include those logged before the
+resume (`LitDecoder.final_metrics`). A checkpoint that does not load is moved aside and the run resumes from
+the one before it, or restarts (`resume_checkpoint`).
 """
 from __future__ import annotations
 
@@ -10,7 +15,9 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -82,13 +89,83 @@ def load_checkpoint(study: Study, experiment: Experiment, ckpt: Path) -> Decoder
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Write each checkpoint to a temporary file and rename it into place, so a process killed while
-    saving leaves the previous last.ckpt intact and the rerun can resume from it."""
+    """Write each checkpoint to a temporary file and rename it into place, keeping the checkpoint it replaces as
+    `<name>.prev`: a process killed while saving leaves the previous last.ckpt intact, a last.ckpt that does not
+    load has an earlier one to fall back on (`resume_checkpoint`), and a write that fails (a full disk) leaves
+    no partial file and raises an OSError naming the checkpoint."""
 
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
-        tmp = f"{path}.partial"
-        super().save_checkpoint(checkpoint, tmp, storage_options)
+        tmp = Path(f"{path}.partial")
+        try:
+            super().save_checkpoint(checkpoint, tmp, storage_options)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise OSError(e.errno, e.strerror, str(path)) from e
+        if os.path.exists(path):
+            os.replace(path, f"{path}.prev")
         os.replace(tmp, path)
+
+
+class StepCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint, saving at update boundaries before the last step only.
+
+    Lightning forgets, when resumed, that the step it resumes from was saved, and saves it again after the next
+    micro-batch: with gradient accumulation that is mid-update, and a checkpoint taken mid-update cannot resume
+    exactly (the update's gradients are not in it). Nor does it checkpoint the last step: that state is the
+    stage's output, and Lightning takes a step's checkpoint before that step's validation and skips the
+    validation when it resumes from it, so a run killed after training would write outputs without its last
+    validation; it resumes from an earlier checkpoint instead."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._last_global_step_saved = trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step < trainer.max_steps:
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+
+LIGHTNING_CHECKPOINT_KEYS = ("state_dict", "optimizer_states", "loops", "global_step")
+
+
+def resume_checkpoint(resume_dir: Path, stage: str) -> Path | None:
+    """The checkpoint a rerun resumes from: last.ckpt, else the one before it (last.ckpt.prev), else None.
+
+    One that does not load as a Lightning checkpoint (truncated, garbage bytes, another kind of file) is
+    moved aside, never deleted, to `<resume dir>.<name>.corrupt-<time>` beside the resume folder (which is
+    removed when the run ends), with one line saying so and whether the run resumes from the previous
+    checkpoint or restarts. Rank 0 decides; the other DDP ranks start later and take the first that exists.
+    """
+    found = [p for p in (resume_dir / "last.ckpt", resume_dir / "last.ckpt.prev") if p.exists()]
+    if rank_zero_only.rank != 0:
+        return found[0] if found else None
+    moved = []
+    for path in found:
+        try:  # the loader Trainer.fit(ckpt_path=...) uses
+            ckpt = AtomicCheckpointIO().load_checkpoint(path)
+            if not isinstance(ckpt, dict) or not all(k in ckpt for k in LIGHTNING_CHECKPOINT_KEYS):
+                raise ValueError("not a Lightning checkpoint")
+        except Exception as e:
+            aside = resume_dir.with_name(f"{resume_dir.name}.{path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}")
+            path.rename(aside)
+            reason = (str(e).strip().splitlines() or [""])[0]
+            moved.append(f"{path} does not load ({type(e).__name__}: {reason}); moved aside to {aside}")
+            continue
+        if moved:
+            print(f"{stage}: {'; '.join(moved)}; resuming from {path.name} (step {ckpt['global_step']})",
+                  file=sys.stderr)
+        return path
+    if moved:
+        print(f"{stage}: {'; '.join(moved)}; no earlier checkpoint: restarting from step 0", file=sys.stderr)
+    return None
+
+
+def _read_state(state_file: Path) -> dict:
+    """The resume folder's state.json ({config_hash, run_id}); {} when absent or unreadable (killed mid-write)."""
+    try:
+        return json.loads(state_file.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
 
 
 def resolve_trainer(cfg: TrainerConfig, learned_rope: bool) -> dict:
@@ -205,16 +282,18 @@ def train(study: Study, experiment: Experiment | None = None, seed: int | None =
     dhash = data_hash(data_dir(study))
     config_hash = _config_hash(p.model_dump(), optim.model_dump(), exp.model_dump(), seed, dhash, base_sha)
 
-    state_file = resume_dir / "state.json"
-    state = json.loads(state_file.read_text()) if state_file.exists() else {}
-    last = resume_dir / "last.ckpt"
-    resuming = state.get("config_hash") == config_hash and last.exists()
-    if rank_zero_only.rank == 0 and not resuming:
-        shutil.rmtree(resume_dir, ignore_errors=True)
-
     root = study.root
     if rank_zero_only.rank == 0:
         tracking.experiment_id(root)  # created once, with its artifact location anchored at the root
+    # an earlier attempt with the same configuration whose run the store still holds: continue that run, from
+    # its checkpoint if one loads
+    state_file = resume_dir / "state.json"
+    state = _read_state(state_file)
+    same_run = state.get("config_hash") == config_hash and tracking.run_status(root, state.get("run_id")) is not None
+    if rank_zero_only.rank == 0 and not same_run:
+        shutil.rmtree(resume_dir, ignore_errors=True)
+    last = resume_checkpoint(resume_dir, stage) if same_run else None
+    resuming = last is not None
     tags = {
         "role": "pretrain" if pretraining else "finetune", "experiment": exp.name, "seed": str(seed),
         "ablations": tracking.ablations_of(study, exp.name), "git_commit": tracking.git_commit(root),
@@ -225,7 +304,7 @@ def train(study: Study, experiment: Experiment | None = None, seed: int | None =
     tags.update(run.tags)
     logger = MLFlowLogger(
         experiment_name=tracking.MLFLOW_EXPERIMENT, run_name=stage, tracking_uri=tracking.tracking_uri(root),
-        tags=tags, run_id=state.get("run_id") if resuming else None,
+        tags=tags, run_id=state.get("run_id") if same_run else None,
     )
     if rank_zero_only.rank == 0:
         run_id = logger.run_id  # creates (or reopens) the run before any worker starts
@@ -239,14 +318,15 @@ def train(study: Study, experiment: Experiment | None = None, seed: int | None =
                                 **run.params})
 
     cfg = p.trainer
-    ckpt = ModelCheckpoint(dirpath=resume_dir, every_n_train_steps=cfg.checkpoint_every_n_steps, save_last=True,
-                           save_top_k=0, enable_version_counter=False)
+    ckpt = StepCheckpoint(dirpath=resume_dir, every_n_train_steps=cfg.checkpoint_every_n_steps, save_last=True,
+                          save_top_k=0, enable_version_counter=False)
     monitor = [BasisMonitor(model.rope, cfg.log_every_n_steps)] if learns_basis(model.rope) else []
     trainer = L.Trainer(
         **resolve_trainer(cfg, learned_rope=any(True for _ in model.rope.parameters())),
         max_steps=optim.steps, accumulate_grad_batches=optim.accumulate, logger=logger,
         callbacks=[ckpt, *monitor, *run.callbacks], log_every_n_steps=cfg.log_every_n_steps,
-        val_check_interval=run.val_every_n_steps, limit_val_batches=1.0,  # run.val_windows sets the validation set
+        # val_check_interval counts micro-batches; run.val_windows sets the validation set
+        val_check_interval=run.val_every_n_steps * optim.accumulate, limit_val_batches=1.0,
         num_sanity_val_steps=0, enable_progress_bar=False, enable_model_summary=False, default_root_dir=resume_dir,
     )
     lit = LitDecoder(model, optim, seed, exp.position_sampling, val_by_length=run.val_lengths is not None,
@@ -258,13 +338,16 @@ def train(study: Study, experiment: Experiment | None = None, seed: int | None =
                          passkey=(fmt, p.passkey.train_fraction) if mixing else None,
                          val_lengths=run.val_lengths, val_batch_size=run.val_batch_size or optim.batch_size)
     started = time.perf_counter()
-    trainer.fit(lit, dm, ckpt_path=str(last) if resuming else None)
+    with warnings.catch_warnings():  # the data do resume (TokenDataModule.consumed_samples), not by Lightning's means
+        warnings.filterwarnings("ignore", message=".*your dataloader is not resumable")
+        trainer.fit(lit, dm, ckpt_path=str(last) if resuming else None)
     seconds = time.perf_counter() - started
     if isinstance(model.rope, ContinuousClex):
         _check_solver(study, model.rope, exp.rope.solver.max_rel_error, stage, logger, trainer, resume_dir)
     if trainer.is_global_zero:
         tokens = optim.steps * trainer.world_size * optim.batch_size * seq_len
-        _write_outputs(study, model, out_dir, logger.run_id, tags, trainer, tokens, seconds, resuming)
+        _write_outputs(study, model, out_dir, logger.run_id, tags, trainer, lit.final_metrics(), tokens, seconds,
+                       resuming)
         shutil.rmtree(resume_dir, ignore_errors=True)
     return out_dir
 
@@ -284,14 +367,13 @@ def _check_solver(study, rope, max_error, stage, logger, trainer, resume_dir) ->
         raise SolverAccuracyError(failure)
 
 
-def _write_outputs(study, model, out_dir, run_id, tags, trainer, tokens, seconds, resumed) -> None:
+def _write_outputs(study, model, out_dir, run_id, tags, trainer, metrics, tokens, seconds, resumed) -> None:
     """model.pt + run.json into out_dir (atomically), and the run's hash, throughput and θ(t) artifacts."""
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     torch.save(model.state_dict(), tmp / "model.pt")
     sha = tracking.file_sha256(tmp / "model.pt")
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     info = {"run_id": run_id, "stage": tags["dvc_stage"], "experiment": tags["experiment"], "seed": int(tags["seed"]),
             "checkpoint_sha256": sha, "data_hash": tags["data_hash"], "git_commit": tags["git_commit"],
             "steps": trainer.global_step, "train_tokens": tokens, "train_seconds": round(seconds, 2),

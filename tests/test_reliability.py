@@ -192,7 +192,7 @@ def test_dvc_reruns_prepare_when_a_local_corpus_file_changes(tmp_path):
     params["data"] = {**params["data"], "source": "files", "files": "corpus/**/*.txt"}
     _corpus(study / "corpus" / "sub", {f"{Path(n).stem}.txt": (STDLIB / n).read_bytes() for n in SOURCES})
     make_study(study, params)
-    run(study, "clex", "pipeline")  # (make_study validates from the repo, where the relative glob matches nothing)
+    run(study, "clex", "pipeline")
     assert "corpus/sub" not in (study / "dvc.yaml").read_text()
     assert yaml.safe_load((study / "dvc.yaml").read_text())["stages"]["prepare"]["deps"][-1] == "corpus"
     run(study, "dvc", "repro", "prepare")
@@ -288,3 +288,46 @@ def test_moved_study_sends_artifacts_to_its_new_folder(trained_study, tmp_path):
     assert "eval" in [f.path for f in c.list_artifacts(latest.info.run_id)]
     pretrain = [r for r in runs if r.data.tags.get("dvc_stage") == "pretrain"][0]
     assert "run.json" in [f.path for f in c.list_artifacts(pretrain.info.run_id)]  # moved with the folder
+
+
+def test_relative_corpus_glob_is_read_from_the_study_root(tmp_path, capsys, monkeypatch):
+    """`clex --root study prepare` run from another folder reads `data.files: corpus/**/*.txt` under the study
+    (it used to glob the current folder: "matches no file"), with document ids relative to the study root, so the
+    split is the one a run from the study folder gives."""
+    study = tmp_path / "study"
+    params = tiny_params()
+    params["data"] = {**params["data"], "source": "files", "files": "corpus/**/*.txt"}
+    _corpus(study / "corpus" / "sub", {f"{Path(n).stem}.txt": (STDLIB / n).read_bytes() for n in SOURCES})
+    make_study(study, params)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    rc, err = _clex(study, capsys, "prepare")
+    assert rc == 0, err
+    split = json.loads((study / "build/data/manifest.json").read_text())["split"]
+    assert sorted(sum(split.values(), [])) == sorted(f"corpus/sub/{Path(n).stem}.txt" for n in SOURCES)
+    assert not any(elsewhere.iterdir())
+
+
+def test_full_disk_while_writing_an_eval_json(trained_study, tmp_path):
+    """The eval JSON's temporary file is on a full device (a link to /dev/full, where every write fails with
+    ENOSPC): one line and exit 1, no eval JSON, the evaluation runs FAILED; with space again the rerun succeeds.
+    (The checkpoint's case: test_resume.py::test_full_disk_while_writing_a_checkpoint.)"""
+    import mlflow
+
+    study = tmp_path / "study"
+    shutil.copytree(trained_study, study, ignore=shutil.ignore_patterns("eval", "resume"))
+    partial = study / "build/eval/.partial"
+    partial.mkdir(parents=True)
+    (partial / "base.json").symlink_to("/dev/full")
+    proc = run(study, "clex", "evaluate", "base", check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "clex evaluate: no space to write\n[Errno 28] No space left on device" in proc.stderr
+    assert not (study / "build/eval/base.json").exists()
+    c = mlflow.MlflowClient(f"sqlite:///{study / 'mlflow.db'}")
+    exp_id = c.get_experiment_by_name("clex-study").experiment_id
+    evaluations = c.search_runs([exp_id], "tags.dvc_stage = 'evaluate_base'")
+    assert [r.info.status for r in evaluations] == ["FAILED"] * len(tiny_params()["eval"]["protocols"])
+    (partial / "base.json").unlink()  # space again
+    run(study, "clex", "evaluate", "base")
+    assert json.loads((study / "build/eval/base.json").read_text())["ppl"] and not partial.exists()
