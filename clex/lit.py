@@ -84,15 +84,16 @@ class LitDecoder(L.LightningModule):
     """
 
     def __init__(self, model: Decoder, optim: OptimConfig, seed: int, position_sampling: str = "none",
-                 val_by_length: bool = False, rope_lr: float | None = None):
+                 val_protocol: str | None = None, rope_lr: float | None = None):
         super().__init__()
         self.model, self.optim, self.seed, self.position_sampling = model, optim, seed, position_sampling
         self.rope_lr = optim.lr if rope_lr is None else rope_lr
         if self.rope_lr == 0:
             model.rope.requires_grad_(False)
         self.tokens_seen = 0
-        # val_by_length (the sweep): one validation loader per length; logs val_ppl_<n> and their mean val_ppl
-        self.val_by_length, self._val_nll = val_by_length, {}
+        # val_protocol (the sweep): one validation loader per length, each window run as that evaluation protocol
+        # runs it (docs/protocols.md); logs val_ppl_<n> and their mean val_ppl. None: val_loss at the training length
+        self.val_protocol, self._val_nll = val_protocol, {}
         self.restored_metrics: dict[str, float] = {}  # the checkpoint's, when resumed (`final_metrics`)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -128,9 +129,14 @@ class LitDecoder(L.LightningModule):
 
     def validation_step(self, batch: torch.Tensor, batch_idx: int, dataloader_idx: int = 0) -> None:
         x, y = batch[:, :-1], batch[:, 1:]
-        logits = self.model(x)  # inference rule: t = ceil(n / L)
+        if self.val_protocol is None:  # the training length: one chunk, the same under every protocol
+            logits = self.model(x)
+        else:
+            from clex.evaluate import forward_of  # evaluate imports this module (through clex.train)
+
+            logits = forward_of(self.model, self.val_protocol)(x)
         loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
-        if not self.val_by_length:
+        if self.val_protocol is None:
             self.log("val_loss", loss, on_epoch=True, sync_dist=True)
             return
         nll, count = self._val_nll.get(x.shape[1], (0.0, 0))
@@ -138,10 +144,10 @@ class LitDecoder(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         """PPL per validation length (token-weighted) and `val_ppl`, their mean: the sweep's objective."""
-        if not self.val_by_length:
+        if self.val_protocol is None:
             return
         if self.trainer.world_size > 1:
-            raise RuntimeError("val_by_length validation runs in one process (the sweep trains one process per trial)")
+            raise RuntimeError("per-length validation runs in one process (the sweep trains one process per trial)")
         ppl = {f"val_ppl_{n}": math.exp(nll / count) for n, (nll, count) in sorted(self._val_nll.items())}
         self._val_nll = {}
         ppl["val_ppl"] = sum(ppl.values()) / len(ppl)

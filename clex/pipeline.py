@@ -125,7 +125,7 @@ def _sweep_stage(study: Study, finetune_deps, finetune_params: list[str]) -> dic
     return {
         "cmd": "clex sweep",
         "deps": finetune_deps(f"build/experiments/{cfg.experiment}.json") + ["clex/sweep.py"],
-        "params": ["sweep"] + finetune_params + ["eval.batch_size"],
+        "params": ["sweep"] + finetune_params + ["eval.batch_size", "eval.protocols"],
         "outs": outs,
         "metrics": [{f"{folder}/metrics.json": {"cache": False}}],
     }

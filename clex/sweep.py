@@ -1,8 +1,9 @@
 """Optuna sweeps over CLEX's ODE width λ and t_max (`clex sweep`, DVC stage `sweeps/<name>`).
 
 Each trial fine-tunes `sweep.experiment` with the trial's λ and t_max from the shared base model, with
-that experiment's fine-tune settings (params.yaml `finetune` and its `finetune:` overrides), and scores the mean validation PPL at `sweep.val_multipliers` × L on validation
-documents (never the test set). That value is reported every `sweep.val_every_n_steps` steps, so
+that experiment's fine-tune settings (params.yaml `finetune` and its `finetune:` overrides), and scores the mean
+validation PPL at `sweep.val_multipliers` × L on validation documents (never the test set), each window run as
+the primary evaluation protocol (`eval.protocols[0]`, the official `progressive` by default) runs it. That value is reported every `sweep.val_every_n_steps` steps, so
 Optuna's MedianPruner stops trials that fall behind.
 
 The study lives in an RDB storage: a sqlite file under build/sweeps/ by default, any database URL by
@@ -110,7 +111,8 @@ def settings(study: Study) -> dict:
             "experiment": study.experiment(p.sweep.experiment).model_dump(exclude={"description"}),
             "model": p.model.model_dump(), "finetune": trial_optim(study).model_dump(exclude={"seeds"}),
             "passkey": p.passkey.model_dump(include=set(PASSKEY_TRAINING_KEYS)),
-            "data_hash": data_hash(study.root / "build" / "data"), "base_checkpoint_sha256": base}
+            "data_hash": data_hash(study.root / "build" / "data"), "base_checkpoint_sha256": base,
+            "objective_protocol": p.eval.protocols[0]}
 
 
 def check_data(study: Study) -> None:
@@ -233,10 +235,11 @@ def objective(study: Study, parent: str):
         spec = RunSpec(
             stage=stage, out_dir=sweep_dir(study) / f"trial{trial.number}", optim=optim,
             val_lengths=[m * p.model.train_len for m in cfg.val_multipliers], val_windows=cfg.val_windows,
-            val_batch_size=p.eval.batch_size, val_every_n_steps=cfg.val_every_n_steps,
+            val_batch_size=p.eval.batch_size, val_protocol=p.eval.protocols[0], val_every_n_steps=cfg.val_every_n_steps,
             tags={"role": "sweep_trial", "sweep": cfg.name, "trial_number": str(trial.number), "state": "running",
                   "mlflow.parentRunId": parent, "ablations": ""},
-            params={"trial.number": trial.number, **{f"trial.{k}": v for k, v in trial.params.items()}},
+            params={"trial.number": trial.number, "objective_protocol": p.eval.protocols[0],
+                    **{f"trial.{k}": v for k, v in trial.params.items()}},
             callbacks=[StepPruning(trial, monitor="val_ppl")])
         try:
             out = train(study, trial_experiment(study, trial.number, ode_width, t_max), cfg.seed, spec)

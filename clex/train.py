@@ -187,7 +187,8 @@ class RunSpec:
     """What distinguishes one training run: its stage name, output folder, optimiser settings, validation
     and extras. The pipeline's stages take theirs from `stage_run`; a sweep trial (clex/sweep.py) sets its own
     stage and folder, extra MLflow tags and params, callbacks (pruning), and validation at several lengths
-    (`val_lengths`: `val_ppl_<n>` and their mean `val_ppl`) instead of `val_loss` at the training length."""
+    (`val_lengths`: `val_ppl_<n>` and their mean `val_ppl`, each window run as `val_protocol` runs it) instead
+    of `val_loss` at the training length."""
 
     stage: str
     out_dir: Path
@@ -196,6 +197,7 @@ class RunSpec:
     val_every_n_steps: int
     val_lengths: list[int] | None = None
     val_batch_size: int | None = None  # None: optim.batch_size
+    val_protocol: str = "progressive"  # with val_lengths: the evaluation protocol of the windows
     tags: dict = field(default_factory=dict)
     params: dict = field(default_factory=dict)
     callbacks: list = field(default_factory=list)
@@ -329,7 +331,7 @@ def train(study: Study, experiment: Experiment | None = None, seed: int | None =
         val_check_interval=run.val_every_n_steps * optim.accumulate, limit_val_batches=1.0,
         num_sanity_val_steps=0, enable_progress_bar=False, enable_model_summary=False, default_root_dir=resume_dir,
     )
-    lit = LitDecoder(model, optim, seed, exp.position_sampling, val_by_length=run.val_lengths is not None,
+    lit = LitDecoder(model, optim, seed, exp.position_sampling, val_protocol=run.val_protocol if run.val_lengths else None,
                      rope_lr=rope_lr)
     # accumulate micro-batches of batch_size/accumulate per update: the same windows per update as one batch
     dm = TokenDataModule(data_dir(study), seq_len, optim.batch_size // optim.accumulate,

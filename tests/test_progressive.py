@@ -182,6 +182,25 @@ def test_progressive_ppl_of_clex_scores_each_chunk_at_its_t():
     assert abs(one_pass["nll"] - got["nll"]) > 1e-3  # all at t = 4: a different quantity
 
 
+def test_sweep_validation_scores_windows_as_the_primary_protocol():
+    """The sweep's objective (LitDecoder with `val_protocol`) is the evaluation's PPL of the same windows under
+    that protocol: progressive through the cache, not one forward at t = ceil(n/L)."""
+    from clex.config import OptimConfig
+    from clex.lit import LitDecoder
+
+    model = model_for("clex")
+    docs = tokens(4 * L, B=2, seed=3)
+    windows = torch.cat([docs, docs[:, :1]], 1)  # 4L + 1 tokens: 4L predictions, as a validation window holds
+    cfg = EvalConfig(lengths=[4 * L + 1], batch_size=2)
+    for protocol in ("progressive", "nonoverlapping"):
+        lit = LitDecoder(model, OptimConfig(steps=1, batch_size=2, lr=1e-3), seed=0, val_protocol=protocol)
+        with torch.no_grad():
+            lit.validation_step(windows, 0)
+        nll, count = lit._val_nll[4 * L]
+        want = perplexity(model, windows, 4 * L + 1, cfg, protocol)
+        assert count == want["tokens"] and nll == pytest.approx(want["nll"], rel=1e-5), protocol
+
+
 # ---------------------------------------------------------------------------- the evaluate stage
 def test_evaluate_writes_one_run_per_protocol(trained_study):
     import mlflow
