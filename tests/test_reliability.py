@@ -79,10 +79,10 @@ def test_bad_param_values_exit_2_naming_key_value_and_allowed(tmp_path, capsys, 
 
 def test_non_finite_experiment_override_is_refused(tmp_path, capsys):
     study = make_study(tmp_path / "study")
-    (study / "experiments/clex.yaml").write_text((study / "experiments/clex.yaml").read_text()
-                                                 + "finetune: {weight_decay: .inf}\n")
+    path = study / "experiments/naive_ft.yaml"  # (an experiment without a finetune: block of its own)
+    path.write_text(path.read_text() + "finetune: {weight_decay: .inf}\n")
     rc, err = _clex(study, capsys, "validate")
-    assert rc == 2 and "experiments/clex.yaml: finetune.weight_decay: got inf; Input should be a finite number" in err
+    assert rc == 2 and "experiments/naive_ft.yaml: finetune.weight_decay: got inf; Input should be a finite number" in err
     _nothing_written(study)
 
 
