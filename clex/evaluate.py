@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from collections.abc import Callable
 from functools import partial
@@ -257,7 +258,11 @@ def _track(study: Study, exp: Experiment, seed: int, stage: str, src: Path, trai
         out = eval_path(study, exp.name, seed)  # PLAIN is named "base"
         tmp = out.parent / ".partial" / out.name  # the artifact keeps the output's name; moved into place last
         tmp.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(record, indent=2))
+        try:
+            tmp.write_text(json.dumps(record, indent=2))
+        except OSError as e:  # a full disk: no partial file left, and the message names the output
+            shutil.rmtree(tmp.parent, ignore_errors=True)
+            raise OSError(e.errno, e.strerror, str(out)) from e
         for run_id in runs.values():
             c.log_artifact(run_id, str(tmp), artifact_path="eval")
             if exp.reuse is None:  # a reused checkpoint's table is the other experiment's, logged by its own run

@@ -311,7 +311,8 @@ def test_relative_corpus_glob_is_read_from_the_study_root(tmp_path, capsys, monk
 
 def test_full_disk_while_writing_an_eval_json(trained_study, tmp_path):
     """The eval JSON's temporary file is on a full device (a link to /dev/full, where every write fails with
-    ENOSPC): one line and exit 1, no eval JSON, the evaluation runs FAILED; with space again the rerun succeeds.
+    ENOSPC): one line naming the output and exit 1, no eval JSON and no partial file, the evaluation runs FAILED;
+    the rerun succeeds.
     (The checkpoint's case: test_resume.py::test_full_disk_while_writing_a_checkpoint.)"""
     import mlflow
 
@@ -320,14 +321,15 @@ def test_full_disk_while_writing_an_eval_json(trained_study, tmp_path):
     partial = study / "build/eval/.partial"
     partial.mkdir(parents=True)
     (partial / "base.json").symlink_to("/dev/full")
+    c = mlflow.MlflowClient(f"sqlite:///{study / 'mlflow.db'}")
+    exp_id = c.get_experiment_by_name("clex-study").experiment_id
+    before = {r.info.run_id for r in c.search_runs([exp_id], "tags.dvc_stage = 'evaluate_base'")}  # other tests'
     proc = run(study, "clex", "evaluate", "base", check=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert "clex evaluate: no space to write\n[Errno 28] No space left on device" in proc.stderr
-    assert not (study / "build/eval/base.json").exists()
-    c = mlflow.MlflowClient(f"sqlite:///{study / 'mlflow.db'}")
-    exp_id = c.get_experiment_by_name("clex-study").experiment_id
-    evaluations = c.search_runs([exp_id], "tags.dvc_stage = 'evaluate_base'")
+    assert str(study / "build/eval/base.json") in proc.stderr  # the output it could not write
+    assert not (study / "build/eval/base.json").exists() and not partial.exists()  # nothing half-written left
+    evaluations = [r for r in c.search_runs([exp_id], "tags.dvc_stage = 'evaluate_base'") if r.info.run_id not in before]
     assert [r.info.status for r in evaluations] == ["FAILED"] * len(tiny_params()["eval"]["protocols"])
-    (partial / "base.json").unlink()  # space again
-    run(study, "clex", "evaluate", "base")
+    run(study, "clex", "evaluate", "base")  # space again: the link to /dev/full went with the partial folder
     assert json.loads((study / "build/eval/base.json").read_text())["ppl"] and not partial.exists()
