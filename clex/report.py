@@ -233,9 +233,9 @@ class MissingRunsError(ParamsError):
     kind = "MLflow runs missing"
 
 
-def check_runs(study: Study, ablation: str, evals: dict[str, tuple[Path, dict]]) -> None:
-    """Every run that the eval JSONs of an ablation ({stage: (path, record)}) name must be in the store and
-    FINISHED, else MissingRunsError naming each stage, its runs and the command that recreates them.
+def check_runs(study: Study, c, ablation: str, evals: dict[str, tuple[Path, dict]]) -> None:
+    """Every run that the eval JSONs of an ablation ({stage: (path, record)}) name must be in the store (read with
+    MlflowClient `c`) and FINISHED, else MissingRunsError naming each stage, its runs and the command that recreates them.
 
     A deleted or replaced mlflow.db (or a run deleted in the UI) loses them; a stage killed between moving its
     eval JSON into place and closing its runs leaves them RUNNING. DVC cannot see either (it hashes files, not
@@ -246,7 +246,7 @@ def check_runs(study: Study, ablation: str, evals: dict[str, tuple[Path, dict]])
     bad = {}
     for stage, (path, record) in evals.items():
         for protocol, run_id in protocol_runs(record).items():
-            status = tracking.run_status(study.root, run_id)
+            status = tracking.run_status(c, run_id)
             if status != "FINISHED":
                 bad.setdefault(stage, []).append(
                     f"{protocol} run {run_id} {'is not in the store' if status is None else 'is ' + status}")
@@ -275,8 +275,8 @@ def load_frame(study: Study, names: list[str], ablation: str):
             stage = "evaluate_base" if exp == "base" else tracking.stage_name("evaluate", exp, seed)
             path = eval_path(study, exp, seed)
             evals[stage] = (path, json.loads(path.read_text()))
-    check_runs(study, ablation, evals)
     c = tracking.client(study.root)
+    check_runs(study, c, ablation, evals)
     records, protocols = [], None
     for path, record in evals.values():
         exp, seed = record["experiment"], record["seed"]

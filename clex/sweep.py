@@ -3,8 +3,8 @@
 Each trial fine-tunes `sweep.experiment` with the trial's λ and t_max from the shared base model, with
 that experiment's fine-tune settings (params.yaml `finetune` and its `finetune:` overrides), and scores the mean
 validation PPL at `sweep.val_multipliers` × L on validation documents (never the test set), each window run as
-the primary evaluation protocol (`eval.protocols[0]`, the official `progressive` by default) runs it. That value is reported every `sweep.val_every_n_steps` steps, so
-Optuna's MedianPruner stops trials that fall behind.
+the primary evaluation protocol (`eval.protocols[0]`, the official `progressive` by default) runs it. That value
+is reported every `sweep.val_every_n_steps` steps, so Optuna's MedianPruner stops trials that fall behind.
 
 The study lives in an RDB storage: a sqlite file under build/sweeps/ by default, any database URL by
 param. Rerunning the command continues the same study up to `sweep.trials` finished trials; several

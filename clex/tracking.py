@@ -109,15 +109,15 @@ def stage_name(stage: str, experiment: str | None = None, seed: int | None = Non
     return stage if experiment is None else f"{stage}@{experiment}-{seed}"
 
 
-def run_status(root: Path, run_id: str | None) -> str | None:
-    """A run's status (RUNNING, FINISHED, FAILED, KILLED), or None when the store does not hold it (a deleted or
-    replaced mlflow.db, a run deleted in the UI)."""
+def run_status(c, run_id: str | None) -> str | None:
+    """A run's status (RUNNING, FINISHED, FAILED, KILLED) read with MlflowClient `c`, or None when the store does
+    not hold it (a deleted or replaced mlflow.db, a run deleted in the UI)."""
     from mlflow.exceptions import MlflowException
 
     if not run_id:
         return None
     try:
-        run = client(root).get_run(run_id)
+        run = c.get_run(run_id)
     except MlflowException as e:
         if e.error_code == "RESOURCE_DOES_NOT_EXIST":
             return None

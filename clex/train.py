@@ -291,7 +291,7 @@ def train(study: Study, experiment: Experiment | None = None, seed: int | None =
     # its checkpoint if one loads
     state_file = resume_dir / "state.json"
     state = _read_state(state_file)
-    same_run = state.get("config_hash") == config_hash and tracking.run_status(root, state.get("run_id")) is not None
+    same_run = state.get("config_hash") == config_hash and tracking.run_status(tracking.client(root), state.get("run_id")) is not None
     if rank_zero_only.rank == 0 and not same_run:
         shutil.rmtree(resume_dir, ignore_errors=True)
     last = resume_checkpoint(resume_dir, stage) if same_run else None
