@@ -602,10 +602,28 @@ class Study(BaseModel):
         """The experiments the pipeline fine-tunes (those that reuse nothing)."""
         return [e for e in self.params.experiments if self.experiments[e].reuse is None]
 
+    def finetune_inputs(self, name: str, optim: FinetuneConfig | None = None) -> dict:
+        """Everything in the study's configuration that experiment `name`'s fine-tuned weights depend on: the
+        values of `finetune_param_keys()` (`optim`: the experiment's resolved `finetune`, or a sweep trial's) and
+        the experiment's resolved settings. The one definition behind the finetune stages' DVC params, the resume
+        hash (with seed, data hash and base checkpoint), the fine-tune's MLflow params and the sweep's settings."""
+        p, optim = self.params, optim or self.finetune_config(name)
+        return {"model": p.model.model_dump(), "finetune": optim.model_dump(exclude={"seeds"}),
+                "trainer": p.trainer.model_dump(), "passkey": p.passkey.model_dump(include=set(PASSKEY_TRAINING_KEYS)),
+                "experiment": self.experiment(name).model_dump(exclude={"description"})}
+
     def ablation(self, name: str) -> Ablation:
         if name not in self.ablations:
             raise ParamsError(f"ablation: {name!r} is unknown; allowed: {sorted(self.ablations)}")
         return self.ablations[name]
+
+
+def finetune_param_keys() -> list[str]:
+    """The params.yaml keys a fine-tune reads (`Study.finetune_inputs` holds their values): the finetune
+    stages and the sweep track exactly these in DVC."""
+    return ([f"model.{k}" for k in ModelConfig.model_fields]
+            + [f"finetune.{k}" for k in FinetuneConfig.model_fields if k != "seeds"]
+            + [f"trainer.{k}" for k in TrainerConfig.model_fields] + [f"passkey.{k}" for k in PASSKEY_TRAINING_KEYS])
 
 
 # ---------------------------------------------------------------------------- loading
