@@ -9,13 +9,16 @@ NaN or infinity: `Strict`).
 from __future__ import annotations
 
 import glob
-import math
 from pathlib import Path
-from typing import Annotated, Literal, Union, get_args
+from typing import Annotated, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
+
+from clex.rope import REGISTRY, on_change, position_spec, types_with
+from clex.rope import ClexSpec, RopeSpec, SolverSpec  # noqa: F401 (re-exported: other modules import them from here)
+from clex.spec import Strict
 
 
 class ParamsError(ValueError):
@@ -30,14 +33,6 @@ class NonFiniteError(ParamsError):
     naming the run, the length and the likely cause (clex/evaluate.py), and a report refuses one read back."""
 
     kind = "non-finite result"
-
-
-class Strict(BaseModel):
-    """Unknown keys are errors (a typo must not silently fall back to a default); values are not coerced
-    (strict: `true` is not the integer 1, nor the string '3' a number; an integer still passes as a float), and
-    no float may be NaN or infinite (`.inf` would pass every `ge`/`gt` bound)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 # ---------------------------------------------------------------------------- data
@@ -302,149 +297,10 @@ class SweepConfig(Strict):
 
 
 # ---------------------------------------------------------------------------- experiments
-class SolverSpec(Strict):
-    """torchdiffeq solver for the CLEX ODE (docs/method.md §3.1, §8 `time_dt`).
-
-    The default is rk4 with a fixed step of 0.25 in τ = ln t: the same ODE after a change of variables,
-    whose frequencies stay within 1e-4 (relative) of the official solve and whose gradients within 1e-3
-    (tests/test_solver.py, benchmarks/ode_solver.py) at a fraction of its cost. The official reference
-    is `{method: rk4, variable: t, step_size: 0.01}`: 1,500 steps to t = 16, back-propagated through.
-    That accuracy depends on the weights (larger ODE weights need finer steps), so every continuous
-    fine-tune compares its trained θ(t) with the reference and fails above `max_rel_error`, naming a fix.
-    """
-
-    method: Literal["dopri5", "dopri8", "bosh3", "adaptive_heun", "rk4", "midpoint", "euler"] = "rk4"
-    variable: Literal["t", "log_t"] = Field("log_t", description="solve in t (official) or in ln t (same ODE)")
-    step_size: float = Field(0.25, gt=0, le=1, description="fixed-grid methods only, in units of `variable`")
-    rtol: float = Field(1e-6, gt=0, lt=1, description="adaptive methods only")
-    atol: float = Field(1e-8, gt=0, lt=1, description="adaptive methods only")
-    max_rel_error: float = Field(
-        1e-4, gt=0, allow_inf_nan=False,
-        description="end-of-fine-tune check: max relative error of θ(t) against the reference solve, else the stage fails")
-
-    def module_kwargs(self) -> dict:
-        """The ContinuousClex keyword arguments (everything but the check's tolerance)."""
-        return self.model_dump(exclude={"max_rel_error"})
-
-
-class RopeSpec(Strict):
-    """Plain RoPE: θ_i = base^(-2i/d), positions 0..n-1."""
-
-    type: Literal["rope"]
-
-
-class ClexSpec(Strict):
-    """CLEX (docs/method.md §3): learned log-frequencies z(t), continuous (ODE) or discrete (per-t embedding)."""
-
-    type: Literal["clex"]
-    dynamics: Literal["continuous", "discrete"] = "continuous"
-    t_max: int = Field(16, ge=1)
-    ode_width: int = Field(1, ge=1, description="λ: hidden width of the dynamics FFN is λ·d")
-    act: Literal["silu", "tanh"] = "silu"
-    constant_term: bool = True
-    t_scale: Literal["linear", "log"] = Field(
-        "linear", description="the rate the ODE network learns: dz/dt (official) or dz/d(ln t)")
-    solver: SolverSpec = SolverSpec()
-    time_embedding_base: Literal["model"] | float = Field(
-        10000.0, description="b of the ODE's NTK time embedding: 10000 (official, whatever the RoPE base) or "
-                             "'model' (model.rope_base); continuous dynamics only")
-
-    @field_validator("time_embedding_base", mode="before")
-    @classmethod
-    def _embedding_base(cls, v):
-        if v == "model" or (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 1):
-            return v
-        raise PydanticCustomError("time_embedding_base", "allowed: 'model' (model.rope_base) or a number > 1 "
-                                                         "(official: 10000)")
-
-    @model_validator(mode="after")
-    def _continuous_only(self) -> "ClexSpec":
-        if self.dynamics == "discrete" and self.t_scale != "linear":
-            raise ValueError(f"rope.t_scale: {self.t_scale!r} needs an ODE; allowed with rope.dynamics "
-                             f"'discrete': 'linear' (t_scale is a knob of the continuous dynamics)")
-        return self
-
-
-class PiSpec(Strict):
-    """PI / linear position interpolation (docs/method.md §2): θ'_i = θ_i / factor. No t is drawn in training."""
-
-    type: Literal["pi"]
-    factor: float = Field(ge=1, allow_inf_nan=False, description="s: positions m -> m/s")
-
-
-class NtkSpec(Strict):
-    """Static NTK-aware scaling (docs/method.md §2): base b' = b·factor^(d/(d-2))."""
-
-    type: Literal["ntk"]
-    factor: float = Field(ge=1, allow_inf_nan=False, description="α of the new base b·α^(d/(d-2))")
-
-
-class DynamicNtkSpec(Strict):
-    """Dynamic NTK (HF 'dynamic'; inference-time only): b' = b·(f·n/L - (f-1))^(d/(d-2)) for n > L."""
-
-    type: Literal["dynamic_ntk"]
-    factor: float = Field(1.0, ge=1, allow_inf_nan=False, description="f; f = 2 gives CLEX's α = 2t-1")
-
-
-class YarnSpec(Strict):
-    """YaRN (docs/method.md §2, "YaRN, exact"), L_orig = model.train_len; ramp bounds derived from d, L, base."""
-
-    type: Literal["yarn"]
-    factor: float = Field(ge=1, allow_inf_nan=False, description="s: the interpolation factor")
-    attn_factor: float = Field(1.0, gt=0, allow_inf_nan=False, description="multiplies mscale = 0.1·ln(s) + 1")
-    beta_fast: float = Field(32.0, gt=0, allow_inf_nan=False, description="pairs turning more than this over L keep θ")
-    beta_slow: float = Field(1.0, gt=0, allow_inf_nan=False, description="pairs turning less than this over L get θ/s")
-
-    @model_validator(mode="after")
-    def _betas(self) -> "YarnSpec":
-        if self.beta_fast <= self.beta_slow:
-            raise ValueError(
-                f"rope.beta_fast: {self.beta_fast} is not above rope.beta_slow={self.beta_slow}; "
-                f"allowed: beta_fast > beta_slow > 0 (defaults 32 and 1)"
-            )
-        return self
-
-
-class BaseChangeSpec(Strict):
-    """CodeLLaMA-style base change: plain RoPE with a new base (given, or derived from d and L)."""
-
-    type: Literal["base_change"]
-    base: float | None = Field(
-        None, gt=1, allow_inf_nan=False,
-        description="new RoPE base; null derives it from CodeLLaMA's 1e4 -> 1e6 (clex.rope.scaling.codellama_base)",
-    )
-
-
-class AlibiSpec(Strict):
-    """ALiBi (docs/method.md §2): no rotation; bias -m_h·(i-j) on the logits, slopes from the head count."""
-
-    type: Literal["alibi"]
-
-
-class SandwichSpec(Strict):
-    """Sandwich (Chi et al. 2023): no rotation; bias from inner products of d̄-dim sinusoidal embeddings."""
-
-    type: Literal["sandwich"]
-    d_bar: int = Field(
-        128, ge=2, multiple_of=2,
-        description="d̄: dimension of the sinusoidal embeddings whose inner product is the bias (even; paper 128)",
-    )
-
-
-class RandomPosSpec(Strict):
-    """RandomPos (Ruoss et al. 2023): plain RoPE trained on a sorted random N-subset of positions [0, M)."""
-
-    type: Literal["randompos"]
-    max_position_factor: int = Field(
-        16, ge=1, description="M = max_position_factor · model.train_len (16 matches CLEX's t_max); M >= N",
-    )
-
-
-PositionSpec = Annotated[
-    Union[RopeSpec, ClexSpec, PiSpec, NtkSpec, DynamicNtkSpec, YarnSpec, BaseChangeSpec, AlibiSpec, SandwichSpec,
-          RandomPosSpec],
-    Field(discriminator="type"),
-]
+# Each position encoding's spec (its `rope:` keys, defaults and checks) lives beside its module in clex/rope/ and
+# is registered there; `rope` is the discriminated union over `type` of every registered spec. The spec classes
+# that other modules import from here (RopeSpec, ClexSpec, SolverSpec) are re-exported above.
+PositionSpec = position_spec()
 
 
 class StreamingSpec(Strict):
@@ -458,9 +314,6 @@ class StreamingSpec(Strict):
     def sizes(self, train_len: int) -> tuple[int, int]:
         """(window, sinks) in tokens for training length L."""
         return max(1, round(self.window_ratio * train_len)), max(1, round(self.sink_ratio * train_len))
-
-
-INFERENCE_ONLY_ROPES = ("rope", "dynamic_ntk")  # encodings without weights or training-time behaviour
 
 
 class Experiment(Strict):
@@ -484,21 +337,33 @@ class Experiment(Strict):
                 f"position_sampling: {self.position_sampling!r} needs a scaling factor t; "
                 f"allowed with rope.type {self.rope.type!r}: 'none' (use rope.type 'clex' for random/uniform)"
             )
+        encoding = REGISTRY[self.rope.type]  # its traits: class attributes of the module (clex/rope/base.py)
         if self.reuse is not None:
-            if self.rope.type not in INFERENCE_ONLY_ROPES:
+            if not encoding.inference_only:
                 raise ValueError(f"rope.type: {self.rope.type!r} has weights or changes training, so it cannot "
-                                 f"reuse another experiment's checkpoint; allowed with reuse: {list(INFERENCE_ONLY_ROPES)}")
+                                 f"reuse another experiment's checkpoint; allowed with reuse: {types_with('inference_only')}")
             if self.position_sampling != "none":
                 raise ValueError(f"position_sampling: {self.position_sampling!r} is a training knob; "
                                  "allowed with reuse: 'none'")
-        if self.streaming is not None and self.rope.type in ("alibi", "sandwich"):
-            raise ValueError(f"streaming: needs a rotary encoding, not rope.type {self.rope.type!r}; "
-                             "allowed: any rope.type except 'alibi' and 'sandwich'")
+        if self.streaming is not None and not encoding.rotary:
+            raise ValueError(f"streaming: needs a rotary encoding, not rope.type {self.rope.type!r}; allowed: any "
+                             f"rope.type except {' and '.join(map(repr, types_with('rotary', False)))}")
         return self
 
     @property
     def t_max(self) -> int | None:
         return getattr(self.rope, "t_max", None)
+
+
+def _rebuild_position_spec() -> None:
+    """An encoding registered after this module was imported (a test's) joins `Experiment.rope`'s union."""
+    global PositionSpec
+    PositionSpec = position_spec()
+    Experiment.model_fields["rope"].annotation = get_args(PositionSpec)[0]
+    Experiment.model_rebuild(force=True)
+
+
+on_change(_rebuild_position_spec)
 
 
 class PaperNumbers(Strict):

@@ -8,9 +8,14 @@ from __future__ import annotations
 
 import abc
 import math
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
+
+from clex.spec import Strict
+
+from .registry import register
 
 
 def fp32(device: torch.device):
@@ -69,10 +74,30 @@ class PositionEncoding(nn.Module, abc.ABC):
 
     `base_inv_freq` (the unscaled θ) is a non-persistent float32 buffer; it is rebuilt in float32
     after every `.to()`/`.half()`, so casting the model (e.g. bf16-true) never rounds it.
-    Optional hooks (defaults: plain rotary behaviour): `rotary`, `attention_bias`, `sample_positions`.
+    Optional hooks (defaults: plain rotary behaviour): `attention_bias`, `sample_positions`.
+
+    Traits, the one place they are stated (clex/config.py's Experiment checks read them through the registry):
+    - `rotary`: False (ALiBi, Sandwich) means no rotation; the Decoder builds no cos/sin tables, and streaming
+      evaluation, which re-assigns rotary positions inside its cache, refuses the encoding. Inherited.
+    - `inference_only`: True when fine-tuning with the encoding is fine-tuning with plain RoPE (no weights, no
+      training-time behaviour), so an experiment may evaluate it on another's plain-RoPE checkpoints (`reuse`).
+      Not inherited: each class states it, so a subclass of PlainRope that changes training is never taken
+      for plain RoPE.
+    A registered class builds itself from its validated spec with `from_spec`.
     """
 
-    rotary: bool = True  # False (ALiBi, Sandwich): no rotation, the Decoder builds no cos/sin tables
+    rotary: ClassVar[bool] = True
+    inference_only: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls.inference_only = cls.__dict__.get("inference_only", False)
+
+    @classmethod
+    def from_spec(cls, spec, *, head_dim: int, base: float, train_len: int) -> PositionEncoding:
+        """The module for a validated spec of the type this class is registered for (read by attribute);
+        this default suits an encoding without keys of its own."""
+        return cls(head_dim, base, train_len)
 
     def __init__(self, head_dim: int, base: float, train_len: int, t_max: int | None = None):
         super().__init__()
@@ -117,8 +142,17 @@ class PositionEncoding(nn.Module, abc.ABC):
         return self
 
 
+class RopeSpec(Strict):
+    """Plain RoPE: θ_i = base^(-2i/d), positions 0..n-1."""
+
+    type: Literal["rope"]
+
+
+@register(RopeSpec)
 class PlainRope(PositionEncoding):
     """Plain RoPE: θ_i = base^(-2i/d) for every t (t is ignored)."""
+
+    inference_only = True
 
     def inv_freq(self, t: int = 1) -> Tensor:
         return self.base_inv_freq

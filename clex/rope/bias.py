@@ -8,11 +8,16 @@ from __future__ import annotations
 
 import abc
 import math
+from typing import Literal
 
 import torch
+from pydantic import Field
 from torch import Tensor
 
+from clex.spec import Strict
+
 from .base import PositionEncoding, fp32
+from .registry import register
 
 SINUSOID_BASE = 10000.0  # Vaswani et al.'s sinusoid timescale, which Sandwich's embeddings use
 
@@ -58,6 +63,13 @@ class BiasEncoding(PositionEncoding):
         """(…, 1, Tq, Tk) float32 distances q_i - k_j -> (…, H, Tq, Tk) bias."""
 
 
+class AlibiSpec(Strict):
+    """ALiBi (docs/method.md §2): no rotation; bias -m_h·(i-j) on the logits, slopes from the head count."""
+
+    type: Literal["alibi"]
+
+
+@register(AlibiSpec)
 class Alibi(BiasEncoding):
     """ALiBi (Press et al. 2022): bias -m_h·(i - j) with the slopes of `alibi_slopes` (no 1/√d on it)."""
 
@@ -65,6 +77,17 @@ class Alibi(BiasEncoding):
         return -alibi_slopes(n_heads).to(distance.device)[:, None, None] * distance
 
 
+class SandwichSpec(Strict):
+    """Sandwich (Chi et al. 2023): no rotation; bias from inner products of d̄-dim sinusoidal embeddings."""
+
+    type: Literal["sandwich"]
+    d_bar: int = Field(
+        128, ge=2, multiple_of=2,
+        description="d̄: dimension of the sinusoidal embeddings whose inner product is the bias (even; paper 128)",
+    )
+
+
+@register(SandwichSpec)
 class Sandwich(BiasEncoding):
     """Sandwich (Chi et al. 2023, arXiv 2212.10356): the inner product of d̄-dim sinusoidal embeddings
     of positions i and j, Σ_{k=1..d̄/2} cos((i - j)/10000^(2k/d̄)), minus d̄/2, divided by the ALiBi-style
@@ -82,6 +105,10 @@ class Sandwich(BiasEncoding):
         if d_bar < 2 or d_bar % 2:
             raise ValueError(f"d_bar: {d_bar} must be a positive even integer")
         self.d_bar = d_bar
+
+    @classmethod
+    def from_spec(cls, spec: SandwichSpec, *, head_dim: int, base: float, train_len: int) -> Sandwich:
+        return cls(head_dim, base, train_len, spec.d_bar)
 
     def head_bias(self, n_heads: int, distance: Tensor) -> Tensor:
         values, inverse = distance.unique(return_inverse=True)

@@ -8,12 +8,18 @@ from plain RoPE.
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
+from pydantic import Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 from torch import Tensor, nn
 from torchdiffeq import odeint
 
+from clex.spec import Strict
+
 from .base import PositionEncoding, fp32
+from .registry import register
 
 ACTIVATIONS = {"silu": nn.SiLU, "tanh": nn.Tanh}
 # torchdiffeq methods on a fixed grid: they take a grid (here: `grid_constructor`), not rtol/atol.
@@ -23,6 +29,63 @@ FIXED_GRID_METHODS = frozenset(
 VARIABLES = ("t", "log_t")
 # The official solve (docs/method.md §3.1): fixed-step rk4 in t at dt = 0.01, back-propagated through every step.
 REFERENCE_SOLVER = {"method": "rk4", "variable": "t", "step_size": 0.01}
+
+
+class SolverSpec(Strict):
+    """torchdiffeq solver for the CLEX ODE (docs/method.md §3.1, §8 `time_dt`).
+
+    The default is rk4 with a fixed step of 0.25 in τ = ln t: the same ODE after a change of variables,
+    whose frequencies stay within 1e-4 (relative) of the official solve and whose gradients within 1e-3
+    (tests/test_solver.py, benchmarks/ode_solver.py) at a fraction of its cost. The official reference
+    is `{method: rk4, variable: t, step_size: 0.01}`: 1,500 steps to t = 16, back-propagated through.
+    That accuracy depends on the weights (larger ODE weights need finer steps), so every continuous
+    fine-tune compares its trained θ(t) with the reference and fails above `max_rel_error`, naming a fix.
+    """
+
+    method: Literal["dopri5", "dopri8", "bosh3", "adaptive_heun", "rk4", "midpoint", "euler"] = "rk4"
+    variable: Literal["t", "log_t"] = Field("log_t", description="solve in t (official) or in ln t (same ODE)")
+    step_size: float = Field(0.25, gt=0, le=1, description="fixed-grid methods only, in units of `variable`")
+    rtol: float = Field(1e-6, gt=0, lt=1, description="adaptive methods only")
+    atol: float = Field(1e-8, gt=0, lt=1, description="adaptive methods only")
+    max_rel_error: float = Field(
+        1e-4, gt=0, allow_inf_nan=False,
+        description="end-of-fine-tune check: max relative error of θ(t) against the reference solve, else the stage fails")
+
+    def module_kwargs(self) -> dict:
+        """The ContinuousClex keyword arguments (everything but the check's tolerance)."""
+        return self.model_dump(exclude={"max_rel_error"})
+
+
+class ClexSpec(Strict):
+    """CLEX (docs/method.md §3): learned log-frequencies z(t), continuous (ODE) or discrete (per-t embedding)."""
+
+    type: Literal["clex"]
+    dynamics: Literal["continuous", "discrete"] = "continuous"
+    t_max: int = Field(16, ge=1)
+    ode_width: int = Field(1, ge=1, description="λ: hidden width of the dynamics FFN is λ·d")
+    act: Literal["silu", "tanh"] = "silu"
+    constant_term: bool = True
+    t_scale: Literal["linear", "log"] = Field(
+        "linear", description="the rate the ODE network learns: dz/dt (official) or dz/d(ln t)")
+    solver: SolverSpec = SolverSpec()
+    time_embedding_base: Literal["model"] | float = Field(
+        10000.0, description="b of the ODE's NTK time embedding: 10000 (official, whatever the RoPE base) or "
+                             "'model' (model.rope_base); continuous dynamics only")
+
+    @field_validator("time_embedding_base", mode="before")
+    @classmethod
+    def _embedding_base(cls, v):
+        if v == "model" or (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 1):
+            return v
+        raise PydanticCustomError("time_embedding_base", "allowed: 'model' (model.rope_base) or a number > 1 "
+                                                         "(official: 10000)")
+
+    @model_validator(mode="after")
+    def _continuous_only(self) -> "ClexSpec":
+        if self.dynamics == "discrete" and self.t_scale != "linear":
+            raise ValueError(f"rope.t_scale: {self.t_scale!r} needs an ODE; allowed with rope.dynamics "
+                             f"'discrete': 'linear' (t_scale is a knob of the continuous dynamics)")
+        return self
 
 
 def time_embedding(t: Tensor | float, head_dim: int, base: float) -> tuple[Tensor, Tensor]:
@@ -136,7 +199,26 @@ def _check_clex_dims(head_dim: int) -> None:
         raise ValueError(f"head_dim: {head_dim} must be >= 4 for CLEX (the NTK exponent divides by d-2)")
 
 
-class ContinuousClex(PositionEncoding):
+@register(ClexSpec)
+class Clex(PositionEncoding):
+    """CLEX, rope.type 'clex': `from_spec` builds the continuous (`ContinuousClex`) or discrete (`DiscreteClex`)
+    variant; both share these traits (learned weights, rotary)."""
+
+    @classmethod
+    def from_spec(cls, spec: ClexSpec, *, head_dim: int, base: float, train_len: int) -> PositionEncoding:
+        common = dict(width=spec.ode_width, act=spec.act)
+        if spec.dynamics == "discrete":
+            return DiscreteClex(head_dim, base, train_len, spec.t_max, **common)
+        if spec.dynamics == "continuous":
+            embedding_base = base if spec.time_embedding_base == "model" else spec.time_embedding_base
+            return ContinuousClex(
+                head_dim, base, train_len, spec.t_max, constant_term=spec.constant_term, t_scale=spec.t_scale,
+                time_embedding_base=embedding_base, **spec.solver.module_kwargs(), **common,
+            )
+        raise ValueError(f"rope.dynamics: {spec.dynamics!r} is unknown; allowed: ['continuous', 'discrete']")
+
+
+class ContinuousClex(Clex):
     """CLEX with continuous dynamics: z(1) = ln θ, dz/dt = g(t, z), θ(t) = exp(z(t)) (docs/method.md §3.1).
 
     Each θ(t) is one torchdiffeq solve from 1 to t, in the variable `variable` ('t' as the official
@@ -227,7 +309,7 @@ class ContinuousClex(PositionEncoding):
         return super()._apply(fn, *args, **kwargs)
 
 
-class DiscreteClex(PositionEncoding):
+class DiscreteClex(Clex):
     """Discrete-dynamics baseline (docs/method.md §3.8, §8): z(t) = z(1) + FFN(e_t), t in 1..t_max.
 
     e_t is a learnable embedding per integer t (nn.Embedding(t_max, d/2), N(0, 1) init); FFN is the

@@ -6,10 +6,16 @@ positions on every rank. Positions are returned on the CPU; the caller moves the
 """
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
+from pydantic import Field
 from torch import Tensor
 
+from clex.spec import Strict
+
 from .base import PlainRope
+from .registry import register
 
 POSITION_SAMPLING = ("none", "random", "uniform")
 
@@ -64,6 +70,16 @@ def random_positions(seq_len: int, max_position: int, generator: torch.Generator
     return sorted_subset(max_position, seq_len, generator).float()
 
 
+class RandomPosSpec(Strict):
+    """RandomPos (Ruoss et al. 2023): plain RoPE trained on a sorted random N-subset of positions [0, M)."""
+
+    type: Literal["randompos"]
+    max_position_factor: int = Field(
+        16, ge=1, description="M = max_position_factor · model.train_len (16 matches CLEX's t_max); M >= N",
+    )
+
+
+@register(RandomPosSpec)
 class RandomPos(PlainRope):
     """Plain RoPE trained on random sorted positions from [0, M), M = max_position_factor·L, and
     evaluated on plain positions 0..n-1 (t_max is None, so t is always 1)."""
@@ -73,6 +89,10 @@ class RandomPos(PlainRope):
         if max_position_factor < 1:
             raise ValueError(f"max_position_factor: {max_position_factor} must be >= 1")
         self.max_position = max_position_factor * train_len
+
+    @classmethod
+    def from_spec(cls, spec: RandomPosSpec, *, head_dim: int, base: float, train_len: int) -> RandomPos:
+        return cls(head_dim, base, train_len, spec.max_position_factor)
 
     def sample_positions(self, seq_len: int, generator: torch.Generator) -> Tensor:
         return random_positions(seq_len, self.max_position, generator)

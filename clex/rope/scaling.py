@@ -9,11 +9,16 @@ never from LLaMA's numbers. Parity with transformers' ROPE_INIT_FUNCTIONS: tests
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
+from pydantic import Field, model_validator
 from torch import Tensor
 
+from clex.spec import Strict
+
 from .base import PlainRope, PositionEncoding, ntk_base, ntk_inv_freq, rope_powers
+from .registry import register
 
 # CodeLLaMA's base change: LLaMA-2 (d = 128, L = 4096, b = 1e4) fine-tuned at 16k with b = 1e6.
 CODELLAMA_BASE, CODELLAMA_HEAD_DIM, CODELLAMA_TRAIN_LEN, CODELLAMA_CONTEXT = 1e6, 128, 4096, 16384
@@ -65,6 +70,14 @@ def yarn_inv_freq(head_dim: int, base: float, train_len: int, factor: float,
     return 1.0 / (factor * powers) * (1 - mask) + 1.0 / powers * mask
 
 
+class PiSpec(Strict):
+    """PI / linear position interpolation (docs/method.md §2): θ'_i = θ_i / factor. No t is drawn in training."""
+
+    type: Literal["pi"]
+    factor: float = Field(ge=1, allow_inf_nan=False, description="s: positions m -> m/s")
+
+
+@register(PiSpec)
 class LinearScaling(PositionEncoding):
     """PI / linear interpolation: θ'_i = θ_i / s (the same as positions m -> m/s)."""
 
@@ -75,7 +88,19 @@ class LinearScaling(PositionEncoding):
     def inv_freq(self, t: int = 1) -> Tensor:
         return self.base_inv_freq / self.factor
 
+    @classmethod
+    def from_spec(cls, spec: PiSpec, *, head_dim: int, base: float, train_len: int) -> LinearScaling:
+        return cls(head_dim, base, train_len, spec.factor)
 
+
+class NtkSpec(Strict):
+    """Static NTK-aware scaling (docs/method.md §2): base b' = b·factor^(d/(d-2))."""
+
+    type: Literal["ntk"]
+    factor: float = Field(ge=1, allow_inf_nan=False, description="α of the new base b·α^(d/(d-2))")
+
+
+@register(NtkSpec)
 class NtkScaling(PlainRope):
     """Static NTK-aware: plain RoPE whose `base` is b' = b·α^(d/(d-2)); `orig_base` keeps b."""
 
@@ -83,15 +108,19 @@ class NtkScaling(PlainRope):
         super().__init__(head_dim, ntk_base(head_dim, base, factor), train_len)
         self.orig_base, self.factor = float(base), float(factor)
 
-
-class BaseChange(PlainRope):
-    """CodeLLaMA-style base change: plain RoPE with a new base (given, or `codellama_base(d, L)`)."""
-
-    def __init__(self, head_dim: int, base: float, train_len: int, new_base: float | None = None):
-        super().__init__(head_dim, codellama_base(head_dim, train_len) if new_base is None else new_base, train_len)
-        self.orig_base = float(base)
+    @classmethod
+    def from_spec(cls, spec: NtkSpec, *, head_dim: int, base: float, train_len: int) -> NtkScaling:
+        return cls(head_dim, base, train_len, spec.factor)
 
 
+class DynamicNtkSpec(Strict):
+    """Dynamic NTK (HF 'dynamic'; inference-time only): b' = b·(f·n/L - (f-1))^(d/(d-2)) for n > L."""
+
+    type: Literal["dynamic_ntk"]
+    factor: float = Field(1.0, ge=1, allow_inf_nan=False, description="f; f = 2 gives CLEX's α = 2t-1")
+
+
+@register(DynamicNtkSpec)
 class DynamicNtk(PositionEncoding):
     """Dynamic NTK (HF 'dynamic', inference-time only): for a length-n input with n > L,
     b' = b·(f·n/L - (f-1))^(d/(d-2)); plain RoPE for n <= L.
@@ -101,11 +130,16 @@ class DynamicNtk(PositionEncoding):
     here θ' is a function of the current n alone (the same whenever lengths are visited in increasing order).
     """
 
+    inference_only = True  # training passes t = 1: plain RoPE
     table_rows = 16  # frequency_table: θ' at n = L, 2L, ..., 16L (row k is t = k, as train.py labels it)
 
     def __init__(self, head_dim: int, base: float, train_len: int, factor: float = 1.0):
         super().__init__(head_dim, base, train_len)
         self.factor = float(factor)
+
+    @classmethod
+    def from_spec(cls, spec: DynamicNtkSpec, *, head_dim: int, base: float, train_len: int) -> DynamicNtk:
+        return cls(head_dim, base, train_len, spec.factor)
 
     def inference_t(self, seq_len: int) -> float:
         return max(1.0, seq_len / self.train_len)
@@ -121,6 +155,26 @@ class DynamicNtk(PositionEncoding):
         return torch.stack([self.inv_freq(t) for t in range(1, self.table_rows + 1)])
 
 
+class YarnSpec(Strict):
+    """YaRN (docs/method.md §2, "YaRN, exact"), L_orig = model.train_len; ramp bounds derived from d, L, base."""
+
+    type: Literal["yarn"]
+    factor: float = Field(ge=1, allow_inf_nan=False, description="s: the interpolation factor")
+    attn_factor: float = Field(1.0, gt=0, allow_inf_nan=False, description="multiplies mscale = 0.1·ln(s) + 1")
+    beta_fast: float = Field(32.0, gt=0, allow_inf_nan=False, description="pairs turning more than this over L keep θ")
+    beta_slow: float = Field(1.0, gt=0, allow_inf_nan=False, description="pairs turning less than this over L get θ/s")
+
+    @model_validator(mode="after")
+    def _betas(self) -> "YarnSpec":
+        if self.beta_fast <= self.beta_slow:
+            raise ValueError(
+                f"rope.beta_fast: {self.beta_fast} is not above rope.beta_slow={self.beta_slow}; "
+                f"allowed: beta_fast > beta_slow > 0 (defaults 32 and 1)"
+            )
+        return self
+
+
+@register(YarnSpec)
 class Yarn(PositionEncoding):
     """YaRN with s = factor and L_orig = train_len: θ' from `yarn_inv_freq`, cos and sin both times `mscale`.
 
@@ -133,9 +187,37 @@ class Yarn(PositionEncoding):
         self.factor, self.mscale = float(factor), yarn_mscale(factor, attn_factor)
         self.scaled = yarn_inv_freq(head_dim, self.base, train_len, self.factor, beta_fast, beta_slow).tolist()
 
+    @classmethod
+    def from_spec(cls, spec: YarnSpec, *, head_dim: int, base: float, train_len: int) -> Yarn:
+        return cls(head_dim, base, train_len, spec.factor, attn_factor=spec.attn_factor,
+                   beta_fast=spec.beta_fast, beta_slow=spec.beta_slow)
+
     def inv_freq(self, t: int = 1) -> Tensor:
         return torch.tensor(self.scaled, dtype=torch.float32, device=self.base_inv_freq.device)
 
     def forward(self, positions: Tensor, t: int = 1) -> tuple[Tensor, Tensor]:
         cos, sin = super().forward(positions, t)
         return cos * self.mscale, sin * self.mscale
+
+
+class BaseChangeSpec(Strict):
+    """CodeLLaMA-style base change: plain RoPE with a new base (given, or derived from d and L)."""
+
+    type: Literal["base_change"]
+    base: float | None = Field(
+        None, gt=1, allow_inf_nan=False,
+        description="new RoPE base; null derives it from CodeLLaMA's 1e4 -> 1e6 (clex.rope.scaling.codellama_base)",
+    )
+
+
+@register(BaseChangeSpec)
+class BaseChange(PlainRope):
+    """CodeLLaMA-style base change: plain RoPE with a new base (given, or `codellama_base(d, L)`)."""
+
+    def __init__(self, head_dim: int, base: float, train_len: int, new_base: float | None = None):
+        super().__init__(head_dim, codellama_base(head_dim, train_len) if new_base is None else new_base, train_len)
+        self.orig_base = float(base)
+
+    @classmethod
+    def from_spec(cls, spec: BaseChangeSpec, *, head_dim: int, base: float, train_len: int) -> BaseChange:
+        return cls(head_dim, base, train_len, spec.base)
