@@ -11,15 +11,12 @@ import yaml
 from pydantic import ValidationError
 from transformers.models.bloom.modeling_bloom import _get_alibi_slopes, build_alibi_tensor
 
-from clex.config import (
-    AlibiSpec, ClexSpec, Experiment, ModelConfig, OptimConfig, ParamsError, PiSpec, RandomPosSpec, RopeSpec,
-    SandwichSpec, load_study,
-)
+from clex.config import Experiment, ModelConfig, OptimConfig, ParamsError, load_study
 from clex.lit import LitDecoder, step_generator
 from clex.model import Decoder, compute_dtype
 from clex.rope import (
-    Alibi, PlainRope, RandomPos, Sandwich, alibi_slopes, build_position_encoding, random_positions,
-    training_positions,
+    Alibi, AlibiSpec, ClexSpec, PiSpec, PlainRope, RandomPos, RandomPosSpec, RopeSpec, Sandwich, SandwichSpec,
+    alibi_slopes, build_position_encoding, random_positions, training_positions,
 )
 from conftest import REPO, make_study, tiny_params
 

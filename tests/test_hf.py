@@ -19,10 +19,7 @@ from transformers import (
     LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM,
 )
 
-from clex.config import (
-    AlibiSpec, ClexSpec, DynamicNtkSpec, Experiment, ModelConfig, OptimConfig, ParamsError, PiSpec, RandomPosSpec,
-    RopeSpec, SandwichSpec, StreamingSpec, YarnSpec,
-)
+from clex.config import Experiment, ModelConfig, OptimConfig, ParamsError, StreamingSpec
 from clex.evaluate import progressive_logits
 from clex.generate import generate
 from clex.hf import (
@@ -31,7 +28,10 @@ from clex.hf import (
 )
 from clex.lit import LitDecoder, scale_and_positions
 from clex.model import Decoder
-from clex.rope import build_position_encoding
+from clex.rope import (
+    AlibiSpec, ClexSpec, DynamicNtkSpec, PiSpec, RandomPosSpec, RopeSpec, SandwichSpec, YarnSpec,
+    build_position_encoding,
+)
 from test_rope import randomise
 
 TOL = 1e-5

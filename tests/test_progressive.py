@@ -19,7 +19,7 @@ from cache_reference import (  # noqa: F401 (one_thread: an autouse fixture)
 from clex.config import EvalConfig
 from clex.evaluate import perplexity, progressive_logits
 from clex.model import Decoder
-from clex.rope import ROPE_FACTORIES, apply_rotary
+from clex.rope import REGISTRY, apply_rotary
 from conftest import run
 
 VARIANTS = [(name, {}) for name in SPECS] + [
@@ -33,7 +33,7 @@ N = (T_MAX + 2) * L  # chunks at t = 1..t_max, then two beyond it
 
 
 def test_every_registered_encoding_is_covered():
-    assert set(SPECS) - {"clex_discrete"} == set(ROPE_FACTORIES)
+    assert set(SPECS) - {"clex_discrete"} == set(REGISTRY)
 
 
 @pytest.mark.parametrize("name,kwargs", VARIANTS, ids=IDS)

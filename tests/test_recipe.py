@@ -14,14 +14,14 @@ import yaml
 from scipy.integrate import quad_vec
 from torch.utils.data import DataLoader
 
-from clex.config import ClexSpec, FinetuneConfig, ModelConfig, ParamsError, RopeSpec, load_study
+from clex.config import FinetuneConfig, ModelConfig, ParamsError, load_study
 from clex.lit import (
     BasisMonitor, LitDecoder, basis_metrics, log_frequencies, monitor_scales, resolve_rope_lr, step_generator,
 )
 from clex.model import Decoder
 from clex.rope import (
-    ContinuousClex, DiscreteClex, build_position_encoding, effective_step_scale, ntk_inv_freq, sample_scale,
-    training_positions,
+    ClexSpec, ContinuousClex, DiscreteClex, RopeSpec, build_position_encoding, effective_step_scale, ntk_inv_freq,
+    sample_scale, training_positions,
 )
 from clex.sweep import trial_optim
 from conftest import make_study, run, tiny_params

@@ -16,10 +16,9 @@ from transformers import LlamaConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
-from clex.config import ClexSpec, RopeSpec
 from clex.rope import (
-    ClexDynamics, ContinuousClex, DiscreteClex, PlainRope, build_position_encoding, default_inv_freq,
-    ntk_inv_freq, rotary_tables, sample_scale, time_embedding, training_positions,
+    ClexDynamics, ClexSpec, ContinuousClex, DiscreteClex, PlainRope, RopeSpec, build_position_encoding,
+    default_inv_freq, ntk_inv_freq, rotary_tables, sample_scale, time_embedding, training_positions,
 )
 from clex.rope.base import apply_rotary
 

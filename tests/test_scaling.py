@@ -16,15 +16,12 @@ from pydantic import ValidationError
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-from clex.config import (
-    BaseChangeSpec, DynamicNtkSpec, Experiment, ModelConfig, NtkSpec, OptimConfig, ParamsError, PiSpec, YarnSpec,
-    load_study,
-)
+from clex.config import Experiment, ModelConfig, OptimConfig, ParamsError, load_study
 from clex.lit import LitDecoder
 from clex.model import Decoder
 from clex.rope import (
-    BaseChange, DynamicNtk, LinearScaling, NtkScaling, PlainRope, Yarn, build_position_encoding, codellama_base,
-    default_inv_freq, ntk_inv_freq, rotary_tables,
+    BaseChange, BaseChangeSpec, DynamicNtk, DynamicNtkSpec, LinearScaling, NtkScaling, NtkSpec, PiSpec, PlainRope,
+    Yarn, YarnSpec, build_position_encoding, codellama_base, default_inv_freq, ntk_inv_freq, rotary_tables,
 )
 from clex.rope.scaling import longest_wavelength
 from conftest import REPO, make_study

@@ -13,8 +13,7 @@ import math
 import pytest
 import torch
 
-from clex.config import SolverSpec
-from clex.rope import ContinuousClex, max_rel_error, ntk_inv_freq, reference_table, solver_fix
+from clex.rope import ContinuousClex, SolverSpec, max_rel_error, ntk_inv_freq, reference_table, solver_fix
 from clex.rope.ode import REFERENCE_SOLVER
 from clex.train import solver_check
 
