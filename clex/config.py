@@ -1,10 +1,11 @@
-"""Typed study parameters: the one place where every knob is declared, defaulted and checked.
+"""Typed study parameters: the one place where every knob is declared, defaulted and checked, but for each
+position encoding's own `rope:` keys, declared beside its module in clex/rope/ and validated here with the rest.
 
 `load_study()` reads params.yaml, every experiments/*.yaml and every ablations/*/ablation.yaml and
 validates them together before any compute. A bad value raises `ParamsError`, whose message names
 the file, the key, the bad value and what is allowed; the CLI prints it and exits non-zero. Files are read
 as UTF-8 YAML with duplicate keys refused (`read_yaml_text`); values are checked strictly (no coercion, no
-NaN or infinity: `Strict`).
+NaN or infinity: `Strict`, clex/spec.py).
 """
 from __future__ import annotations
 
@@ -316,6 +317,12 @@ class StreamingSpec(Strict):
         return max(1, round(self.window_ratio * train_len)), max(1, round(self.sink_ratio * train_len))
 
 
+def _listed(names: list[str]) -> str:
+    """"'a', 'b' and 'c'": a few values in a message."""
+    quoted = [repr(n) for n in names]
+    return " and ".join(filter(None, [", ".join(quoted[:-1]), quoted[-1]]))
+
+
 class Experiment(Strict):
     """A named variant (experiments/<name>.yaml) fine-tuned from the shared base model, or, with
     `reuse`, an inference-time method evaluated on another experiment's fine-tuned checkpoints."""
@@ -347,7 +354,7 @@ class Experiment(Strict):
                                  "allowed with reuse: 'none'")
         if self.streaming is not None and not encoding.rotary:
             raise ValueError(f"streaming: needs a rotary encoding, not rope.type {self.rope.type!r}; allowed: any "
-                             f"rope.type except {' and '.join(map(repr, types_with('rotary', False)))}")
+                             f"rope.type except {_listed(types_with('rotary', False))}")
         return self
 
     @property
