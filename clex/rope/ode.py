@@ -14,7 +14,6 @@ import torch
 from pydantic import Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 from torch import Tensor, nn
-from torchdiffeq import odeint
 
 from clex.spec import Strict
 
@@ -269,6 +268,8 @@ class ContinuousClex(Clex):
             kwargs["options"] = {"grid_constructor": lambda *_: grid}
         else:
             kwargs.update(rtol=settings["rtol"], atol=settings["atol"])
+        from torchdiffeq import odeint  # imported on the first solve: config and validation need no solver
+
         with fp32(z1.device):
             return odeint(func, z1, span, **kwargs)
 
