@@ -814,11 +814,10 @@ def load_study(root: Path | str = ".", params_file: str = "params.yaml") -> Stud
         raise ParamsError(f"experiments/{swept}.yaml: finetune.steps: {steps} (the sweep's trials); allowed: a multiple "
                           f"of sweep.val_every_n_steps={params.sweep.val_every_n_steps}, above sweep.prune_after_steps="
                           f"{params.sweep.prune_after_steps}")
-    ablations = {}
+    ablations, evaluated = {}, params.experiments + params.reuse_experiments
     for p in sorted((root / "ablations").glob("*/ablation.yaml")):
         source = str(p.relative_to(root))
         ab = _validate(Ablation, {"name": p.parent.name, **_read_yaml(p)}, source)
-        evaluated = params.experiments + params.reuse_experiments
         missing = [e for e in ab.experiments + [ab.reference or ab.experiments[0]] if e not in evaluated]
         if missing:
             raise ParamsError(
@@ -847,8 +846,8 @@ def _check_experiment_lists(params: Params, experiments: dict, params_file: str)
             if name not in experiments:
                 raise ParamsError(f"{params_file}: {key}[{i}]: {name!r} is unknown; allowed: {sorted(experiments)} "
                                   "(one experiments/<name>.yaml each)")
-    twice = sorted({n for n in params.experiments + params.reuse_experiments
-                    if (params.experiments + params.reuse_experiments).count(n) > 1})
+    listed = params.experiments + params.reuse_experiments
+    twice = sorted({n for n in listed if listed.count(n) > 1})
     if twice:
         raise ParamsError(f"{params_file}: experiments, reuse_experiments: {twice} listed more than once; allowed: "
                           "each experiment once")
