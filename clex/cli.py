@@ -25,8 +25,9 @@ def _validate(study: Study, args) -> None:
     from clex.pipeline import write
 
     if not write(study, check=True):
-        raise ParamsError("dvc.yaml: out of date with params.yaml, experiments/ or ablations/ (it lists every "
-                          "experiment × seed); allowed: the file `clex pipeline` writes, so run `clex pipeline` first")
+        raise ParamsError("dvc.yaml: out of date: its GENERATED part (reuse evaluations, sweep, ablation stages) "
+                          "no longer matches params.yaml, experiments/ or ablations/; allowed: the part `clex pipeline` "
+                          "writes, so run `clex pipeline` first")
     import json
 
     out = study.root / "build" / "validated"
@@ -173,8 +174,8 @@ def parser() -> argparse.ArgumentParser:
     nb = sub.add_parser("notebooks", help="execute analysis/*.ipynb headless (papermill) against the MLflow store")
     nb.add_argument("names", nargs="*", help="notebook names without .ipynb (default: all)")
     nb.set_defaults(func=_notebooks)
-    pl = sub.add_parser("pipeline", help="generate dvc.yaml from the ablation files")
-    pl.add_argument("--check", action="store_true", help="exit 1 if dvc.yaml is out of date")
+    pl = sub.add_parser("pipeline", help="write dvc.yaml's generated part (what DVC's templating cannot express)")
+    pl.add_argument("--check", action="store_true", help="exit 1 if dvc.yaml's generated part is out of date")
     pl.set_defaults(func=_pipeline)
     return ap
 

@@ -324,15 +324,17 @@ def _listed(names: list[str]) -> str:
 
 
 class Experiment(Strict):
-    """A named variant (experiments/<name>.yaml) fine-tuned from the shared base model, or, with
-    `reuse`, an inference-time method evaluated on another experiment's fine-tuned checkpoints."""
+    """A named variant (experiments/<name>.yaml) fine-tuned from the shared base model, or, with `reuse`,
+    evaluated on the checkpoints of another experiment whose fine-tune is the same (load_study checks that
+    they differ only in knobs that act at inference: `Study.training_difference`)."""
 
     name: str
     description: str = ""
     rope: PositionSpec
     position_sampling: Literal["none", "random", "uniform"] = "none"
     attn_log_scale: bool = Field(False, description="queries times ln(n)/ln(L) for n > L (docs/method.md §3.7)")
-    reuse: str | None = Field(None, description="evaluate this experiment's checkpoints (same seed); no fine-tuning")
+    reuse: str | None = Field(None, description="evaluate this experiment's checkpoints (same seed; it must train "
+                                                "identically); no fine-tuning")
     streaming: StreamingSpec | None = Field(None, description="evaluate with a StreamingLLM window + sinks")
     finetune: dict | None = Field(None, description="overrides of params.yaml finetune keys (not seeds); "
                                                     "validated by load_study, merged by Study.finetune_config")
@@ -345,13 +347,6 @@ class Experiment(Strict):
                 f"allowed with rope.type {self.rope.type!r}: 'none' (use rope.type 'clex' for random/uniform)"
             )
         encoding = REGISTRY[self.rope.type]  # its traits: class attributes of the module (clex/rope/base.py)
-        if self.reuse is not None:
-            if not encoding.inference_only:
-                raise ValueError(f"rope.type: {self.rope.type!r} has weights or changes training, so it cannot "
-                                 f"reuse another experiment's checkpoint; allowed with reuse: {types_with('inference_only')}")
-            if self.position_sampling != "none":
-                raise ValueError(f"position_sampling: {self.position_sampling!r} is a training knob; "
-                                 "allowed with reuse: 'none'")
         if self.streaming is not None and not encoding.rotary:
             raise ValueError(f"streaming: needs a rotary encoding, not rope.type {self.rope.type!r}; allowed: any "
                              f"rope.type except {_listed(types_with('rotary', False))}")
@@ -416,7 +411,9 @@ class Params(Strict):
     eval: EvalConfig = EvalConfig()
     passkey: PasskeyConfig = PasskeyConfig()
     sweep: SweepConfig = SweepConfig()
-    experiments: list[str] = Field(min_length=1, description="experiments the pipeline trains")
+    experiments: list[str] = Field(min_length=1, description="experiments the pipeline fine-tunes (DVC's finetune and "
+                                                            "evaluate matrices iterate over this list)")
+    reuse_experiments: list[str] = Field([], description="experiments evaluated on another's checkpoints (`reuse:`)")
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "Params":
@@ -471,23 +468,63 @@ class Study(BaseModel):
         return self.experiment(name).reuse or name
 
     def trained(self) -> list[str]:
-        """The experiments the pipeline fine-tunes (those that reuse nothing)."""
-        return [e for e in self.params.experiments if self.experiments[e].reuse is None]
+        """The experiments the pipeline fine-tunes: params.yaml `experiments` (load_study: none reuses)."""
+        return list(self.params.experiments)
 
-    def finetune_inputs(self, name: str, optim: FinetuneConfig | None = None) -> dict:
-        """Everything in the study's configuration that experiment `name`'s fine-tuned weights depend on: the
-        values of `finetune_param_keys()` (`optim`: the experiment's resolved `finetune`, or a sweep trial's) and
-        the experiment's resolved settings. The one definition behind the finetune stages' DVC params, the resume
-        hash (with seed, data hash and base checkpoint), the fine-tune's MLflow params and the sweep's settings."""
-        p, optim = self.params, optim or self.finetune_config(name)
+    def evaluated(self) -> list[str]:
+        """Every experiment the pipeline evaluates: the fine-tuned ones, then `reuse_experiments`."""
+        return self.params.experiments + self.params.reuse_experiments
+
+    def evaluate_stage(self, name: str, seed: int) -> str:
+        """The DVC stage that evaluates `name` at `seed`: `evaluate@<name>-<seed>` (dvc.yaml's matrix), or for a
+        reuse experiment `evaluate_on_<checkpoint>@<name>-<seed>` (the generated matrix of the experiments that
+        evaluate that checkpoint: DVC cannot look up which experiment's checkpoint a name reads)."""
+        group = "evaluate" if self.experiment(name).reuse is None else f"evaluate_on_{self.checkpoint_of(name)}"
+        return f"{group}@{name}-{seed}"
+
+    def finetune_inputs(self, experiment: "str | Experiment", optim: FinetuneConfig | None = None) -> dict:
+        """Everything in the study's configuration that `experiment`'s fine-tuned weights depend on (a name, or a
+        sweep trial's Experiment): the values of `finetune_param_keys()` (`optim`: the experiment's resolved
+        `finetune`, or a sweep trial's) and the experiment's resolved settings under `exp` (flattened, the names of
+        its MLflow params). The one definition behind the finetune stages' DVC params, the resume hash (with seed,
+        data hash and base checkpoint), the fine-tune's MLflow params and the sweep's settings."""
+        exp = self.experiment(experiment) if isinstance(experiment, str) else experiment
+        p, optim = self.params, optim or _finetune_config(self.params.finetune, exp)
         return {"model": p.model.model_dump(), "finetune": optim.model_dump(exclude={"seeds"}),
                 "trainer": p.trainer.model_dump(), "passkey": p.passkey.model_dump(include=set(PASSKEY_TRAINING_KEYS)),
-                "experiment": self.experiment(name).model_dump(exclude={"description"})}
+                "exp": exp.model_dump(exclude={"description"})}
+
+    def training_difference(self, name: str, source: str) -> list[str]:
+        """Where `name`'s fine-tune would differ from `source`'s, as 'key: value vs value' lines ([]: `name` may
+        evaluate `source`'s checkpoints, `reuse: <source>`). The resolved `finetune` section is compared, not the
+        experiments' `finetune:` overrides. Knobs that act only at inference are left out: name, reuse, streaming,
+        attn_log_scale at fine-tuning length N = L (finetune.seq_len_factor 1: it scales queries beyond L only),
+        and an inference-time rope.type of `name` (rope, dynamic_ntk: compared as the plain 'rope' it evaluates)."""
+        def training(e: str) -> dict:
+            inputs = self.finetune_inputs(e)
+            exp = {k: v for k, v in inputs["exp"].items() if k not in ("name", "reuse", "streaming", "finetune")}
+            if inputs["finetune"]["seq_len_factor"] == 1:
+                exp.pop("attn_log_scale")
+            return {**inputs, "exp": exp}
+
+        mine = training(name)
+        if REGISTRY[mine["exp"]["rope"]["type"]].inference_only:
+            mine["exp"]["rope"] = {"type": "rope"}
+        return _differences(mine, training(source))
 
     def ablation(self, name: str) -> Ablation:
         if name not in self.ablations:
             raise ParamsError(f"ablation: {name!r} is unknown; allowed: {sorted(self.ablations)}")
         return self.ablations[name]
+
+
+def _differences(a, b, key: str = "") -> list[str]:
+    """'key: a vs b' for every dotted key whose value differs between the nested mappings a and b."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        if a.get("type") != b.get("type"):  # two kinds of position encoding: their fields do not compare
+            return [f"{key}type: {a.get('type')!r} vs {b.get('type')!r}"]
+        return [d for k in sorted(a.keys() | b.keys()) for d in _differences(a.get(k), b.get(k), f"{key}{k}.")]
+    return [] if a == b else [f"{key.rstrip('.')}: {a!r} vs {b!r}"]
 
 
 def finetune_param_keys() -> list[str]:
@@ -612,9 +649,6 @@ def _finetune_config(base: FinetuneConfig, exp: Experiment) -> FinetuneConfig:
     if not exp.finetune:
         return base
     source = f"experiments/{exp.name}.yaml"
-    if exp.reuse is not None:
-        raise ParamsError(f"{source}: finetune: {exp.finetune}; allowed with reuse: none (the experiment is never "
-                          "fine-tuned)")
     if "seeds" in exp.finetune:
         raise ParamsError(f"{source}: finetune.seeds: {exp.finetune['seeds']}; allowed: every finetune key but seeds "
                           "(all experiments share params.yaml finetune.seeds)")
@@ -642,26 +676,9 @@ def load_study(root: Path | str = ".", params_file: str = "params.yaml") -> Stud
                 f"experiments/{name}.yaml: rope.max_position_factor: {factor} is below finetune.seq_len_factor={n}; "
                 f"allowed: >= {n} (M = factor·L positions must hold the N = {n}·L training tokens)"
             )
-    for i, name in enumerate(params.experiments):
-        if name not in experiments:
-            raise ParamsError(
-                f"{params_file}: experiments[{i}]: {name!r} is unknown; allowed: {sorted(experiments)} "
-                f"(one experiments/<name>.yaml each)"
-            )
-    for name in params.experiments:
-        source = experiments[name].reuse
-        if source is not None and (source not in params.experiments or experiments[source].reuse is not None):
-            raise ParamsError(
-                f"experiments/{name}.yaml: reuse: {source!r} is not a fine-tuned experiment of the pipeline; "
-                f"allowed: {[e for e in params.experiments if experiments[e].reuse is None]}"
-            )
-        if source is not None and experiments[source].rope.type != "rope":
-            raise ParamsError(
-                f"experiments/{name}.yaml: reuse: {source!r} was fine-tuned with rope.type "
-                f"{experiments[source].rope.type!r}; allowed: an experiment with plain rope.type 'rope'"
-            )
+    _check_experiment_lists(params, experiments, params_file)
     swept = params.sweep.experiment
-    if swept not in experiments or experiments[swept].rope.type != "clex":  # (a clex experiment never reuses)
+    if swept not in experiments or experiments[swept].rope.type != "clex":
         raise ParamsError(f"{params_file}: sweep.experiment: {swept!r} is not a CLEX experiment; allowed: "
                           f"{sorted(n for n, e in experiments.items() if e.rope.type == 'clex')}")
     steps = _finetune_config(params.finetune, experiments[swept]).steps  # the trials' budget
@@ -669,15 +686,53 @@ def load_study(root: Path | str = ".", params_file: str = "params.yaml") -> Stud
         raise ParamsError(f"experiments/{swept}.yaml: finetune.steps: {steps} (the sweep's trials); allowed: a multiple "
                           f"of sweep.val_every_n_steps={params.sweep.val_every_n_steps}, above sweep.prune_after_steps="
                           f"{params.sweep.prune_after_steps}")
-    ablations = {}
+    ablations, evaluated = {}, params.experiments + params.reuse_experiments
     for p in sorted((root / "ablations").glob("*/ablation.yaml")):
         source = str(p.relative_to(root))
         ab = _validate(Ablation, {"name": p.parent.name, **_read_yaml(p)}, source)
-        missing = [e for e in ab.experiments + [ab.reference or ab.experiments[0]] if e not in params.experiments]
+        missing = [e for e in ab.experiments + [ab.reference or ab.experiments[0]] if e not in evaluated]
         if missing:
             raise ParamsError(
-                f"{source}: experiments: {missing} are not trained by the pipeline; "
-                f"allowed: names listed in {params_file} experiments {params.experiments}"
+                f"{source}: experiments: {missing} are not evaluated by the pipeline; "
+                f"allowed: names listed in {params_file} experiments or reuse_experiments {evaluated}"
             )
         ablations[ab.name] = ab
-    return Study(root=root, params=params, experiments=experiments, ablations=ablations)
+    study = Study(root=root, params=params, experiments=experiments, ablations=ablations)
+    for name in params.reuse_experiments:
+        differ = study.training_difference(name, experiments[name].reuse)
+        if differ:
+            raise ParamsError(
+                f"experiments/{name}.yaml: reuse: {experiments[name].reuse!r} trains differently ({name} vs it): "
+                f"{'; '.join(differ)}; allowed: an experiment whose fine-tune is the same except name, description, "
+                "reuse, streaming, attn_log_scale at finetune.seq_len_factor 1, and an inference-time rope.type "
+                f"{types_with('inference_only')} (compared as the plain 'rope' whose checkpoint it evaluates)")
+    return study
+
+
+def _check_experiment_lists(params: Params, experiments: dict, params_file: str) -> None:
+    """params.yaml `experiments` name fine-tuned experiments (no `reuse:`), `reuse_experiments` the ones that
+    reuse one of those: each name once, each with its experiments/<name>.yaml."""
+    lists = {"experiments": params.experiments, "reuse_experiments": params.reuse_experiments}
+    for key, names in lists.items():
+        for i, name in enumerate(names):
+            if name not in experiments:
+                raise ParamsError(f"{params_file}: {key}[{i}]: {name!r} is unknown; allowed: {sorted(experiments)} "
+                                  "(one experiments/<name>.yaml each)")
+    listed = params.experiments + params.reuse_experiments
+    twice = sorted({n for n in listed if listed.count(n) > 1})
+    if twice:
+        raise ParamsError(f"{params_file}: experiments, reuse_experiments: {twice} listed more than once; allowed: "
+                          "each experiment once")
+    for name in params.experiments:
+        if experiments[name].reuse is not None:
+            raise ParamsError(f"{params_file}: experiments: {name!r} reuses {experiments[name].reuse!r}'s checkpoints "
+                              f"(experiments/{name}.yaml reuse:); allowed: fine-tuned experiments; list it under "
+                              "reuse_experiments")
+    for name in params.reuse_experiments:
+        source = experiments[name].reuse
+        if source is None:
+            raise ParamsError(f"{params_file}: reuse_experiments: {name!r} has no reuse: in experiments/{name}.yaml; "
+                              "allowed: experiments that evaluate another's checkpoints; list it under experiments")
+        if source not in params.experiments:
+            raise ParamsError(f"experiments/{name}.yaml: reuse: {source!r} is not a fine-tuned experiment of the "
+                              f"pipeline; allowed: {params.experiments} ({params_file} experiments)")

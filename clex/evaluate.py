@@ -179,7 +179,7 @@ def evaluate(study: Study, experiment: str, seed: int | None = None) -> Path:
     """Evaluate the base model (experiment 'base') or one fine-tuned run; writes the eval JSON."""
     p = study.params
     exp, src, seed = checkpoint_source(study, experiment, seed)
-    stage = "evaluate_base" if experiment == "base" else tracking.stage_name("evaluate", experiment, seed)
+    stage = "evaluate_base" if experiment == "base" else study.evaluate_stage(experiment, seed)
     fmt = passkey_format(study, min(p.eval.lengths), "the shortest of eval.lengths")
     trained = json.loads((src / "run.json").read_text())
     model = load_checkpoint(study, exp, src / "model.pt")

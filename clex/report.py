@@ -272,7 +272,7 @@ def load_frame(study: Study, names: list[str], ablation: str):
     evals = {}  # {stage: (path, record)}
     for exp in names:
         for seed in [p.pretrain.seed] if exp == "base" else p.finetune.seeds:
-            stage = "evaluate_base" if exp == "base" else tracking.stage_name("evaluate", exp, seed)
+            stage = "evaluate_base" if exp == "base" else study.evaluate_stage(exp, seed)
             path = eval_path(study, exp, seed)
             evals[stage] = (path, json.loads(path.read_text()))
     c = tracking.client(study.root)

@@ -33,7 +33,7 @@ from optuna.trial import TrialState
 from optuna_integration import PyTorchLightningPruningCallback
 
 from clex import tracking
-from clex.config import PASSKEY_TRAINING_KEYS, Experiment, FinetuneConfig, ParamsError, Study, load_study
+from clex.config import Experiment, FinetuneConfig, ParamsError, Study, load_study
 from clex.data import data_hash, load_tokens
 
 HEARTBEAT_S, GRACE_S = 5, 20  # a trial without a heartbeat for GRACE_S seconds is failed and retried once
@@ -104,13 +104,13 @@ def _redacted(url: str) -> str:
 
 
 def settings(study: Study) -> dict:
-    """Everything a trial's result depends on; a stored study with other settings is refused."""
+    """Everything a trial's result depends on: the swept experiment's fine-tune inputs (Study.finetune_inputs,
+    with the trials' optimiser), the sweep's own keys, data, base checkpoint and objective protocol. A stored
+    study with other settings is refused."""
     p = study.params
     base = json.loads((study.root / "build" / "base" / "run.json").read_text())["checkpoint_sha256"]
-    return {"sweep": p.sweep.model_dump(exclude={"trials", "storage", "workers"}),
-            "experiment": study.experiment(p.sweep.experiment).model_dump(exclude={"description"}),
-            "model": p.model.model_dump(), "finetune": trial_optim(study).model_dump(exclude={"seeds"}),
-            "passkey": p.passkey.model_dump(include=set(PASSKEY_TRAINING_KEYS)),
+    return {**study.finetune_inputs(p.sweep.experiment, trial_optim(study)),
+            "sweep": p.sweep.model_dump(exclude={"trials", "storage", "workers"}),
             "data_hash": data_hash(study.root / "build" / "data"), "base_checkpoint_sha256": base,
             "objective_protocol": p.eval.protocols[0]}
 

@@ -30,7 +30,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_only
 
 from clex import tracking
-from clex.config import PASSKEY_TRAINING_KEYS, Experiment, OptimConfig, ParamsError, RopeSpec, Study, TrainerConfig
+from clex.config import Experiment, OptimConfig, ParamsError, RopeSpec, Study, TrainerConfig
 from clex.data import TokenDataModule, data_hash
 from clex.lit import BasisMonitor, LitDecoder, learns_basis, resolve_rope_lr
 from clex.model import Decoder, parameter_count
@@ -216,13 +216,6 @@ def stage_run(study: Study, experiment: Experiment | None, seed: int | None) -> 
                    val_every_n_steps=min(p.trainer.val_every_n_steps, optim.steps))
 
 
-def finetune_params(passkey, optim: OptimConfig) -> dict[str, str]:
-    """The MLflow params a fine-tune adds to the study's: its passkey mix and its optimiser settings (a sweep
-    trial's may differ from params.yaml's `finetune`, whose keys they replace)."""
-    return {**tracking.flatten(passkey.model_dump(include=set(PASSKEY_TRAINING_KEYS)), "passkey."),
-            **tracking.flatten(optim.model_dump(), "finetune.")}
-
-
 class SolverAccuracyError(ParamsError):
     """A trained ODE's θ(t) is further from the reference solve than rope.solver.max_rel_error allows."""
 
@@ -258,6 +251,12 @@ def _config_hash(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def finetune_hash(study: Study, experiment: Experiment, optim: OptimConfig, seed: int, dhash: str, base_sha: str) -> str:
+    """A fine-tune's resume key: its inputs (Study.finetune_inputs, so eval and sweep settings do not count), seed,
+    data hash and base checkpoint; an attempt with another key starts over."""
+    return _config_hash(study.finetune_inputs(experiment, optim), seed, dhash, base_sha)
+
+
 def train(study: Study, experiment: Experiment | None = None, seed: int | None = None,
           run: RunSpec | None = None) -> Path:
     """Run the pretrain stage (experiment None), one finetune stage, or, with `run`, a fine-tune set up by
@@ -282,7 +281,8 @@ def train(study: Study, experiment: Experiment | None = None, seed: int | None =
         base_sha = json.loads((base_dir(study) / "run.json").read_text())["checkpoint_sha256"]
     rope_lr, step_scale = resolve_rope_lr(optim, model.rope)  # S from the weights at init
     dhash = data_hash(data_dir(study))
-    config_hash = _config_hash(p.model_dump(), optim.model_dump(), exp.model_dump(), seed, dhash, base_sha)
+    config_hash = (_config_hash(p.model_dump(), optim.model_dump(), exp.model_dump(), seed, dhash, base_sha)
+                   if pretraining else finetune_hash(study, exp, optim, seed, dhash, base_sha))
 
     root = study.root
     if rank_zero_only.rank == 0:
@@ -313,9 +313,9 @@ def train(study: Study, experiment: Experiment | None = None, seed: int | None =
         resume_dir.mkdir(parents=True, exist_ok=True)
         state_file.write_text(json.dumps({"config_hash": config_hash, "run_id": run_id}))
         tracking.close_stale_runs(root, stage, keep=run_id)
-        logger.log_hyperparams({**tracking.flatten(p.model_dump()), **tracking.flatten(exp.model_dump(), "exp."),
-                                "seed": seed, "n_params": parameter_count(model), "seq_len": seq_len,
-                                **({} if pretraining else finetune_params(p.passkey, optim)),
+        recorded = ({**tracking.flatten(p.model_dump()), **tracking.flatten(exp.model_dump(), "exp.")} if pretraining
+                    else tracking.flatten(study.finetune_inputs(exp, optim)))  # what the fine-tune depends on
+        logger.log_hyperparams({**recorded, "seed": seed, "n_params": parameter_count(model), "seq_len": seq_len,
                                 **({} if pretraining else {"rope_lr_resolved": rope_lr, "rope_step_scale": step_scale}),
                                 **run.params})
 

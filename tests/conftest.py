@@ -29,7 +29,7 @@ def make_study(dest: Path, params: dict | None = None) -> Path:
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(src, dest / name)
     (dest / "params.yaml").write_text(yaml.safe_dump(params or tiny_params()))
-    try:  # dvc.yaml lists experiments × seeds: regenerate it for these params (bad params keep the repo's)
+    try:  # dvc.yaml's generated part (reuse evaluations, ablations): rewrite it for these params (bad ones keep the repo's)
         write(load_study(dest))
     except ParamsError:
         pass

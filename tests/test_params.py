@@ -29,9 +29,13 @@ BAD = [
     ("params.yaml", "passkey.depths", [0.5, 1.5], ["passkey.depths", "[0.5, 1.5]", "fractions in [0, 1]"]),
     ("ablations/discrete_vs_continuous/ablation.yaml", "paper.protocol", "chunked",
      ["paper.protocol", "'chunked'", "'progressive', 'nonoverlapping' or 'sliding'"]),
-    ("experiments/clex.yaml", "reuse", "naive_ft", ["rope.type", "'clex'", "cannot reuse", "'dynamic_ntk'"]),
-    ("experiments/dynamic_ntk.yaml", "reuse", "clex", ["reuse: 'clex'", "rope.type 'clex'", "plain rope.type 'rope'"]),
-    ("experiments/streaming.yaml", "reuse", "pi", ["reuse: 'pi'", "plain rope.type 'rope'"]),
+    ("experiments/clex.yaml", "reuse", "naive_ft", ["params.yaml: experiments: 'clex' reuses 'naive_ft'",
+                                                     "list it under reuse_experiments"]),
+    ("experiments/dynamic_ntk.yaml", "reuse", "clex", ["reuse: 'clex' trains differently", "exp.rope.type: 'rope' vs 'clex'",
+                                                       "finetune.accumulate: 1 vs 4"]),
+    ("experiments/streaming.yaml", "reuse", "pi", ["reuse: 'pi' trains differently", "exp.rope.type: 'rope' vs 'pi'"]),
+    ("experiments/clex_attn_log_scale.yaml", "position_sampling", "uniform",
+     ["reuse: 'clex' trains differently", "exp.position_sampling: 'uniform' vs 'random'"]),
     ("params.yaml", "sweep.t_max", [8, 4], ["sweep.t_max", "[8, 4]", "[low, high]"]),
     ("params.yaml", "sweep.experiment", "pi", ["sweep.experiment", "'pi'", "not a CLEX experiment", "clex_discrete"]),
     ("params.yaml", "sweep.val_every_n_steps", 2, ["sweep.val_every_n_steps", "does not divide finetune.steps=3"]),
@@ -98,8 +102,11 @@ def test_dvc_graph_has_every_ablation_stage():
         assert (REPO / "ablations" / a / "README.md").is_file(), a
     seeds = study.params.finetune.seeds
     assert {f"finetune@{e}-{s}" for e in study.trained() for s in seeds} <= names
-    assert {f"evaluate@{e}-{s}" for e in study.params.experiments for s in seeds} <= names
-    assert not {n for n in names if n.startswith(("finetune@dynamic_ntk", "finetune@streaming"))}  # reuse naive_ft
+    assert {f"evaluate@{e}-{s}" for e in study.trained() for s in seeds} <= names
+    assert {f"evaluate_on_naive_ft@{e}-{s}" for e in ("dynamic_ntk", "streaming") for s in seeds} <= names
+    assert {f"evaluate_on_clex@clex_attn_log_scale-{s}" for s in seeds} <= names
+    assert not {n for n in names if n.startswith(("finetune@dynamic_ntk", "finetune@streaming",
+                                                  "finetune@clex_attn_log_scale"))}  # they reuse naive_ft's, clex's
     assert f"sweeps/{study.params.sweep.name}" in names and "analysis" in names
     analysis = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["analysis"]
     assert {f"reports/{a}/metrics.json" for a in study.ablations} <= set(analysis["deps"])  # every ablation feeds it
@@ -122,14 +129,15 @@ def test_experiment_extends_merges_and_rejects_bad_parents(tmp_path):
 
 
 def test_stale_dvc_yaml_is_refused_before_compute(tmp_path):
-    """dvc.yaml lists experiments × seeds: a params change without `clex pipeline` stops at validate."""
+    """dvc.yaml's generated part lists each ablation's experiments: an ablation change without `clex pipeline`
+    stops at validate. (A seed or a fine-tuned experiment needs no regeneration: tests/test_dvc_yaml.py.)"""
     study = make_study(tmp_path / "study")
-    params = tiny_params()
-    params["finetune"]["seeds"] = [0, 1, 2]
-    (study / "params.yaml").write_text(yaml.safe_dump(params))
+    ablation = study / "ablations/discrete_vs_continuous/ablation.yaml"
+    ablation.write_text(ablation.read_text().replace("experiments: [naive_ft, clex, clex_discrete]",
+                                                     "experiments: [naive_ft, clex, clex_discrete, pi]"))
     proc = run(study, "dvc", "repro", "ablations/discrete_vs_continuous", check=False)
     assert proc.returncode != 0 and "dvc.yaml: out of date" in proc.stderr + proc.stdout
     assert "run `clex pipeline`" in proc.stderr + proc.stdout
     assert not (study / "build" / "data").exists()
     run(study, "clex", "pipeline")
-    assert "finetune@clex-2" in run(study, "dvc", "stage", "list").stdout
+    assert "build/eval/pi" in yaml.safe_load((study / "dvc.yaml").read_text())["stages"]["ablations/discrete_vs_continuous"]["deps"]

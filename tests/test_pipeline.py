@@ -96,16 +96,23 @@ def test_dvc_repro_ablation_end_to_end(repro_study):
         added[r.data.tags["role"]] = added.get(r.data.tags["role"], 0) + 1
     assert added == {"finetune": 2, "evaluate": 2 * n_protocols, "report": 1}
 
-    # inference-time baselines evaluate naive_ft's checkpoints: no fine-tune stage of their own
-    reuse = run(study, "dvc", "repro", "evaluate@dynamic_ntk-0", "evaluate@streaming-1")
+    # reuse experiments evaluate another's checkpoints: inference-time baselines naive_ft's, the attention log
+    # scale clex's (the same fine-tune at N = L); no fine-tune stage of their own
+    reuse = run(study, "dvc", "repro", "evaluate_on_naive_ft@dynamic_ntk-0", "evaluate_on_naive_ft@streaming-1",
+                "evaluate_on_clex@clex_attn_log_scale-0")
     assert "Running stage 'finetune@" not in reuse.stdout
     client, _, after = _runs(study)
-    naive = {r.data.tags["seed"]: r.info.run_id for r in after if r.data.tags.get("dvc_stage", "").startswith("finetune@naive_ft")}
-    for exp, seed in (("dynamic_ntk", 0), ("streaming", 1)):
+    for exp, seed, source in (("dynamic_ntk", 0, "naive_ft"), ("streaming", 1, "naive_ft"), ("clex_attn_log_scale", 0, "clex")):
+        trained = {r.data.tags["seed"]: r.info.run_id for r in after
+                   if r.data.tags.get("dvc_stage", "").startswith(f"finetune@{source}-")}
         record = json.loads((study / f"build/eval/{exp}/seed{seed}.json").read_text())
-        assert record["reused_checkpoint_of"] == "naive_ft" and record["train_run_id"] == naive[str(seed)]
+        assert record["reused_checkpoint_of"] == source and record["train_run_id"] == trained[str(seed)]
         tags = client.get_run(record["run_id"]).data.tags
-        assert tags["checkpoint_of"] == "naive_ft" and tags["mlflow.parentRunId"] == naive[str(seed)]
+        assert tags["checkpoint_of"] == source and tags["mlflow.parentRunId"] == trained[str(seed)]
+        assert tags["dvc_stage"] == f"evaluate_on_{source}@{exp}-{seed}"
+    clex_eval = json.loads((study / "build/eval/clex/seed0.json").read_text())["ppl"]
+    log_scale = json.loads((study / "build/eval/clex_attn_log_scale/seed0.json").read_text())["ppl"]
+    assert log_scale["32"] == clex_eval["32"] and log_scale["128"] != clex_eval["128"]  # the factor acts beyond L only
     # the window (round(0.977·32) = 31 plus 1 sink) only changes lengths beyond it
     naive_eval = json.loads((study / "build/eval/naive_ft/seed1.json").read_text())["ppl"]
     streaming = json.loads((study / "build/eval/streaming/seed1.json").read_text())["ppl"]

@@ -212,11 +212,12 @@ def test_stages_declare_the_code_and_params_they_read(tmp_path):
     that leaves the fine-tuned weights bit-identical must rerun it; a report prints L, the base seed and the
     passkey settings; validate checks dvc.yaml with clex/pipeline.py."""
     from clex.config import load_study
-    from clex.pipeline import stages
+    from clex.pipeline import hand_written, stages
 
-    s = stages(load_study(make_study(tmp_path / "study")))
-    for name in ("evaluate_base", "evaluate"):
-        deps = s[name].get("deps") or s[name]["do"]["deps"]
+    study = load_study(make_study(tmp_path / "study"))
+    s = {**hand_written(study), **{name: stanza for name, (_, stanza) in stages(study).items()}}
+    for name in ("evaluate_base", "evaluate", "evaluate_on_naive_ft", "evaluate_on_clex"):
+        deps = s[name]["deps"]
         assert {"clex/evaluate.py", "clex/passkey.py", "clex/streaming.py", "clex/model.py", "clex/rope", "clex/data.py",
                 "clex/train.py"} <= set(deps), name
     assert {"model.train_len", "pretrain.seed", "passkey.samples", "passkey.digits", "passkey.train_fraction",

@@ -5,6 +5,7 @@ and build_position_encoding like the real ones; its class attributes decide `reu
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 import pytest
@@ -91,16 +92,27 @@ def test_unregistering_removes_it_from_the_union(register_toy):
     assert f"does not match any of the expected tags: {ALLOWED_TAGS}" in str(bad.value)
 
 
-def test_reuse_asks_the_registry_for_inference_only_encodings(register_toy):
+def reusing_toy(tmp_path) -> Path:
+    """A study whose `toy` experiment evaluates naive_ft's (plain RoPE) checkpoints: `reuse: naive_ft`."""
+    study = make_study(tmp_path / "study")
+    (study / "experiments" / "toy.yaml").write_text(yaml.safe_dump({"rope": {"type": "toy"}, "reuse": "naive_ft"}))
+    params = tiny_params()
+    params["reuse_experiments"].append("toy")
+    (study / "params.yaml").write_text(yaml.safe_dump(params))
+    return study
+
+
+def test_reuse_asks_the_registry_for_inference_only_encodings(tmp_path, register_toy):
+    """`reuse:` of a plain-RoPE fine-tune is the same training only for an inference-time encoding (the trait)."""
     register_toy()  # not inference-only: a PlainRope subclass does not inherit it
-    with pytest.raises(ValidationError, match=r"'toy' has weights or changes training.*"
-                                              r"allowed with reuse: \['rope', 'dynamic_ntk'\]"):
-        experiment({"type": "toy"}, reuse="naive_ft")
+    study = reusing_toy(tmp_path)
+    with pytest.raises(ParamsError, match=r"reuse: 'naive_ft' trains differently .*exp.rope.type: 'toy' vs 'rope'.*"
+                                          r"inference-time rope.type \['rope', 'dynamic_ntk'\]"):
+        load_study(study)
     unregister("toy")
     register_toy(inference_only=True)
-    assert experiment({"type": "toy"}, reuse="naive_ft").reuse == "naive_ft"
-    with pytest.raises(ValidationError, match=r"allowed with reuse: \['rope', 'dynamic_ntk', 'toy'\]"):
-        experiment({"type": "pi", "factor": 2.0}, reuse="naive_ft")
+    assert load_study(study).experiment("toy").reuse == "naive_ft"
+    assert types_with("inference_only") == ["rope", "dynamic_ntk", "toy"]
 
 
 def test_streaming_asks_the_registry_for_rotary_encodings(register_toy):
