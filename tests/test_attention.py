@@ -34,7 +34,8 @@ class LocalAttention(CausalAttention):
         Tq, Tk = q.shape[-2], k.shape[-2]
         i, j = torch.arange(Tk - Tq, Tk)[:, None], torch.arange(Tk)[None, :]
         visible = (j <= i) & (j > i - self.window)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=self.query_scale(Tk) / math.sqrt(q.shape[-1]))
+        scale = self.query_scale(Tk) / math.sqrt(q.shape[-1])
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scale)
 
 
 @pytest.fixture

@@ -217,8 +217,8 @@ def test_stages_declare_the_code_and_params_they_read(tmp_path):
     s = stages(load_study(make_study(tmp_path / "study")))
     for name in ("evaluate_base", "evaluate"):
         deps = s[name].get("deps") or s[name]["do"]["deps"]
-        assert {"clex/evaluate.py", "clex/passkey.py", "clex/streaming.py", "clex/attention.py", "clex/model.py", "clex/rope",
-                "clex/data.py", "clex/train.py"} <= set(deps), name
+        assert {"clex/evaluate.py", "clex/passkey.py", "clex/streaming.py", "clex/attention.py", "clex/model.py",
+                "clex/rope", "clex/data.py", "clex/train.py"} <= set(deps), name
     assert {"model.train_len", "pretrain.seed", "passkey.samples", "passkey.digits", "passkey.train_fraction",
             "passkey.depths"} <= set(s["ablations/discrete_vs_continuous"]["params"])
     assert "clex/pipeline.py" in s["validate"]["deps"]
