@@ -110,14 +110,18 @@ class CausalAttention:
     log_scale_len: int | None = None
 
     def query_scale(self, n: int) -> float:
+        """The factor on the queries for a context of n tokens, folded into the softmax scale."""
         if self.log_scale_len is None:
             return 1.0
         return max(1.0, math.log(n) / math.log(self.log_scale_len))
 
     def context_len(self, n: int) -> int:
+        """The context length the inference t is chosen for (`Decoder.context_t`)."""
         return n
 
     def reuses_rotated_keys(self, n: int) -> bool:
+        """True: a KV cache's rotated keys serve a forward over n tokens (only keys from ctx.start on are rotated);
+        False: the variant rotates all n keys itself, from tables of all n positions (ctx.start = 0)."""
         return True
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext,
@@ -165,6 +169,7 @@ class StreamingAttention(CausalAttention):
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext,
                  kv: LayerCache | None = None) -> torch.Tensor:
+        """The plain path while the cache drops nothing, else `streaming_attention` of every key, rotated here."""
         n = ctx.offset + q.shape[-2]
         if self.reuses_rotated_keys(n):
             return super().__call__(q, k, v, ctx, kv)
