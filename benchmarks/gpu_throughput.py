@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from clex import model as model_module
+from clex import attention as attention_module
 from clex.config import ClexSpec, ModelConfig, RopeSpec
 from clex.lit import scale_and_positions
 from clex.model import Decoder, parameter_count
@@ -86,7 +86,7 @@ def main() -> None:
     with sdpa_kernel(SDPBackend.FLASH_ATTENTION):  # raises if SDPA's flash kernel cannot run here
         F.scaled_dot_product_attention(q, q, q, is_causal=True)
     report = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-              "flash_attn_installed": model_module.flash_attn_func is not None, "sdpa_flash_backend": True}
+              "flash_attn_installed": attention_module.flash_attn_func is not None, "sdpa_flash_backend": True}
     specs = {"plain": (RopeSpec(type="rope"), "none"), "clex": (ClexSpec(type="clex", t_max=16), "random")}
     for name, (spec, sampling) in specs.items():
         model = build(spec)

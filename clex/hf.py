@@ -53,7 +53,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Pr
 from transformers.cache_utils import Cache, DynamicLayer
 
 from clex.config import Experiment, ParamsError, PositionSpec
-from clex.model import Decoder, causal_mask, compute_dtype
+from clex.attention import CausalAttention, causal_mask
+from clex.model import Decoder, compute_dtype
 from clex.rope import PositionEncoding, apply_rotary, build_position_encoding
 
 ARCHITECTURES = ("llama", "mistral", "qwen2")  # config.model_type values whose rotary and k_proj contract is tested
@@ -420,9 +421,11 @@ def to_llama(decoder: Decoder, attn_implementation: str = "sdpa") -> LlamaForCau
 
 def from_decoder(decoder: Decoder, spec, attn_implementation: str = "sdpa") -> HFDecoder:
     """An HFDecoder equal to our Decoder: its weights in a LlamaForCausalLM and an encoding for `spec` holding the
-    Decoder's encoding state (e.g. trained CLEX weights). attn_log_scale and streaming have no HF counterpart."""
-    if decoder.attn_log_scale or decoder.streaming is not None:
-        raise ValueError("from_decoder: attn_log_scale and streaming have no Hugging Face counterpart")
+    Decoder's encoding state (e.g. trained CLEX weights). Only plain causal attention has an HF counterpart (no
+    attention log scale, no streaming window)."""
+    if decoder.attention != CausalAttention():
+        raise ValueError(f"from_decoder: {decoder.attention!r} has no Hugging Face counterpart; allowed: "
+                         f"{CausalAttention()!r}")
     model = HFDecoder(to_llama(decoder, attn_implementation), spec, decoder.cfg.train_len)
     model.rope.load_state_dict(decoder.rope.state_dict())
     return model

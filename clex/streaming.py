@@ -1,5 +1,6 @@
 """StreamingLLM-style attention (Xiao et al. 2023, "Efficient Streaming Language Models with Attention
-Sinks", arXiv 2309.17453) as an evaluation mode for the rotary decoder.
+Sinks", arXiv 2309.17453) as an evaluation mode for the rotary decoder: the attention computation behind the
+`StreamingAttention` variant (clex/attention.py), which plugs it into the decoder.
 
 What: query i attends only to the `sinks` first tokens of the sequence (the attention sinks) and to the
 `window` most recent tokens (itself included): key j is visible iff j <= i and (j < sinks or j > i - window).

@@ -30,6 +30,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_only
 
 from clex import tracking
+from clex.attention import attention_for
 from clex.config import Experiment, OptimConfig, ParamsError, RopeSpec, Study, TrainerConfig
 from clex.data import TokenDataModule, data_hash
 from clex.lit import BasisMonitor, LitDecoder, learns_basis, resolve_rope_lr
@@ -59,8 +60,7 @@ def vocab_size(study: Study) -> int:
 def build_model(study: Study, experiment: Experiment) -> Decoder:
     m = study.params.model
     rope = build_position_encoding(experiment.rope, head_dim=m.head_dim, base=m.rope_base, train_len=m.train_len)
-    streaming = experiment.streaming.sizes(m.train_len) if experiment.streaming else None
-    return Decoder(m, vocab_size(study), rope, attn_log_scale=experiment.attn_log_scale, streaming=streaming)
+    return Decoder(m, vocab_size(study), rope, attention_for(experiment, m.train_len))
 
 
 def passkey_format(study: Study, length: int, what: str) -> PasskeyFormat:

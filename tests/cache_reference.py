@@ -20,6 +20,7 @@ import pytest
 import torch
 from pydantic import TypeAdapter
 
+from clex.attention import CausalAttention, StreamingAttention
 from clex.config import ModelConfig, PositionSpec
 from clex.model import Decoder
 from clex.rope import apply_rotary, build_position_encoding
@@ -43,14 +44,14 @@ SPECS = {  # one per registered encoding, with t-dependent θ wherever the encod
 T_DEPENDENT = {"clex", "clex_discrete", "dynamic_ntk"}
 
 
-def model_for(name: str, n_layers: int = 2, seed: int = 0, **kwargs) -> Decoder:
+def model_for(name: str, n_layers: int = 2, seed: int = 0, attention: CausalAttention = CausalAttention()) -> Decoder:
     """A float64 random model (head dim 8, L = 8) whose θ(t) really depends on t: the CLEX networks' W_down
     (zero at init) and embeddings are random; q/k/v weights 15× the init, so attention is far from uniform."""
     torch.manual_seed(seed)
     cfg = ModelConfig(d_model=16, n_layers=n_layers, n_heads=2, d_ff=32, train_len=L)
     spec = TypeAdapter(PositionSpec).validate_python(SPECS[name])
     rope = build_position_encoding(spec, head_dim=cfg.head_dim, base=cfg.rope_base, train_len=L)
-    model = Decoder(cfg, VOCAB, rope, **kwargs).double()
+    model = Decoder(cfg, VOCAB, rope, attention).double()
     with torch.no_grad():
         for p in model.rope.parameters():
             p.copy_(torch.randn_like(p) * 0.5)
@@ -66,7 +67,8 @@ def tokens(n: int, B: int = 2, seed: int = 1) -> torch.Tensor:
 def context_t(model: Decoder, n: int):
     """The protocol's t for a context of n tokens, written out: the encoding's rule at n (at the streaming
     cache length min(n, window + sinks) for the streaming window)."""
-    return model.rope.inference_t(min(n, sum(model.streaming)) if model.streaming else n)
+    a = model.attention
+    return model.rope.inference_t(min(n, a.window + a.sinks) if isinstance(a, StreamingAttention) else n)
 
 
 def bounds(total: int, chunk: int) -> list[int]:
@@ -86,7 +88,7 @@ def written_out(model: Decoder, x: torch.Tensor, ends: list[int]) -> torch.Tenso
     out = []
     for s, e in zip(ends, ends[1:]):
         t = context_t(model, e)
-        q_scale = max(1.0, math.log(e) / math.log(L)) if model.attn_log_scale else 1.0
+        q_scale = max(1.0, math.log(e) / math.log(L)) if model.attention.log_scale_len else 1.0
         h = model.embed(x[:, s:e])
         for block, (ks, vs) in zip(model.blocks, raw):
             B, T = h.shape[:2]
@@ -104,8 +106,8 @@ def _attend(model: Decoder, q, K, V, i: int, t, q_scale: float):
     """Query at position i, (B, H, D), against the keys it sees: 0..i, or with the streaming window the sinks
     and the last `window` (positions inside that cache, the query at its last one, as StreamingLLM)."""
     keys = list(range(i + 1))
-    if model.streaming:
-        window, sinks = model.streaming
+    if isinstance(model.attention, StreamingAttention):
+        window, sinks = model.attention.window, model.attention.sinks
         keys = sorted(set(range(min(sinks, i + 1))) | set(range(max(0, i - window + 1), i + 1)))
     q, k = q[:, :, None], K[:, :, keys]
     if model.rope.rotary:

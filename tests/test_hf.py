@@ -19,6 +19,7 @@ from transformers import (
     LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM,
 )
 
+from clex.attention import CausalAttention, StreamingAttention
 from clex.config import Experiment, ModelConfig, OptimConfig, ParamsError, StreamingSpec
 from clex.evaluate import progressive_logits
 from clex.generate import generate
@@ -266,6 +267,10 @@ def test_refusals(tmp_path):
         build_hf_model(CFG, exp.model_copy(update={"attn_log_scale": True}), path=tmp_path)
     with pytest.raises(ParamsError, match="streaming"):
         build_hf_model(CFG, exp.model_copy(update={"streaming": StreamingSpec()}), path=tmp_path)
+    for attention in (CausalAttention(log_scale_len=L), StreamingAttention(6, 2)):  # no HF counterpart
+        with pytest.raises(ValueError, match=f"{type(attention).__name__}.*no Hugging Face counterpart"):
+            from_decoder(Decoder(CFG, V, build_position_encoding(CLEX, head_dim=CFG.head_dim, base=CFG.rope_base,
+                                                                 train_len=L), attention), CLEX)
     qwen3 = Qwen3Config(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
                         num_key_value_heads=4, head_dim=16)
     with pytest.raises(ValueError, match="qwen3"):  # keys are normalised after k_proj: no un-rotated capture

@@ -12,15 +12,16 @@ from clex.config import EvalConfig, ModelConfig
 from clex.evaluate import perplexity, windows
 from clex.lit import lr_lambda, step_generator
 from clex.config import OptimConfig
-from clex.model import Decoder, attention, causal_mask
+from clex.attention import CausalAttention, attention, causal_mask
+from clex.model import Decoder
 from clex.rope import PlainRope
 
 CFG = ModelConfig(d_model=32, n_layers=2, n_heads=4, d_ff=64, train_len=16)
 
 
-def tiny_model(seed: int = 0) -> Decoder:
+def tiny_model(seed: int = 0, attention: CausalAttention = CausalAttention()) -> Decoder:
     torch.manual_seed(seed)
-    return Decoder(CFG, 50, PlainRope(CFG.head_dim, CFG.rope_base, CFG.train_len)).eval()
+    return Decoder(CFG, 50, PlainRope(CFG.head_dim, CFG.rope_base, CFG.train_len), attention).eval()
 
 
 def test_attention_matches_explicit_causal_softmax():
@@ -45,15 +46,14 @@ def test_attention_of_the_last_queries_matches_explicit_causal_softmax(Tq):
 
 def test_attn_log_scale_equals_scaled_query_projection():
     """ln(n)/ln(L) on the queries for n > L, nothing at n <= L; reference: q-rows of W_qkv scaled by hand."""
-    def peaky() -> Decoder:  # larger q/k weights than at init, so attention is far from uniform
-        m = tiny_model()
+    def peaky(attention: CausalAttention = CausalAttention()) -> Decoder:  # larger q/k weights than at init,
+        m = tiny_model(attention=attention)  # so attention is far from uniform
         with torch.no_grad():
             for block in m.blocks:
                 block.attn.qkv.weight.mul_(20)
         return m
 
-    scaled, plain = peaky(), peaky()
-    scaled.attn_log_scale = True
+    scaled, plain = peaky(CausalAttention(log_scale_len=CFG.train_len)), peaky()
     short, long = torch.randint(0, 50, (2, CFG.train_len)), torch.randint(0, 50, (2, 4 * CFG.train_len))
     with torch.no_grad():
         assert torch.equal(scaled(short), plain(short))

@@ -12,23 +12,24 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import clex.model
+import clex.attention
 from cache_reference import (  # noqa: F401 (one_thread: an autouse fixture)
     L, SPECS, T_DEPENDENT, T_MAX, bounds, model_for, one_thread, prefix_reference, tokens, written_out,
 )
+from clex.attention import CausalAttention, StreamingAttention
 from clex.config import EvalConfig
 from clex.evaluate import perplexity, progressive_logits
 from clex.model import Decoder
 from clex.rope import REGISTRY, apply_rotary
 from conftest import run
 
-VARIANTS = [(name, {}) for name in SPECS] + [
-    ("rope", {"streaming": (5, 2)}),  # the window fills inside chunk 0
-    ("clex", {"streaming": (13, 3)}),  # t from the cache length 16 = 2L, reached inside chunk 1
-    ("clex", {"attn_log_scale": True}),
-    ("dynamic_ntk", {"attn_log_scale": True, "streaming": (20, 1)}),
+VARIANTS = [(name, CausalAttention()) for name in SPECS] + [
+    ("rope", StreamingAttention(5, 2)),  # the window fills inside chunk 0
+    ("clex", StreamingAttention(13, 3)),  # t from the cache length 16 = 2L, reached inside chunk 1
+    ("clex", CausalAttention(log_scale_len=L)),
+    ("dynamic_ntk", StreamingAttention(20, 1, log_scale_len=L)),
 ]
-IDS = [f"{n}-{'-'.join(k) or 'plain'}" for n, k in VARIANTS]
+IDS = [f"{n}-{type(a).__name__}{'-log_scale' if a.log_scale_len else ''}" for n, a in VARIANTS]
 N = (T_MAX + 2) * L  # chunks at t = 1..t_max, then two beyond it
 
 
@@ -36,10 +37,10 @@ def test_every_registered_encoding_is_covered():
     assert set(SPECS) - {"clex_discrete"} == set(REGISTRY)
 
 
-@pytest.mark.parametrize("name,kwargs", VARIANTS, ids=IDS)
-def test_one_layer_progressive_equals_the_prefix_reference(name, kwargs):
+@pytest.mark.parametrize("name,attention", VARIANTS, ids=IDS)
+def test_one_layer_progressive_equals_the_prefix_reference(name, attention):
     """Chunk j = the no-cache model on [0, (j+1)L) at t((j+1)L), its last L logits."""
-    model, x = model_for(name, n_layers=1, **kwargs), tokens(N)
+    model, x = model_for(name, n_layers=1, attention=attention), tokens(N)
     with torch.no_grad():
         got = progressive_logits(model, x)
     want = prefix_reference(model, x, bounds(N, L))
@@ -50,12 +51,13 @@ def test_one_layer_progressive_equals_the_prefix_reference(name, kwargs):
         assert (stale - want[:, L:2 * L]).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("name,kwargs", VARIANTS, ids=IDS)
-def test_progressive_equals_the_official_cache_written_out(name, kwargs):
-    model, x = model_for(name, **kwargs), tokens(N)
+@pytest.mark.parametrize("name,attention", VARIANTS, ids=IDS)
+def test_progressive_equals_the_official_cache_written_out(name, attention):
+    model, x = model_for(name, attention=attention), tokens(N)
     with torch.no_grad():
         got = progressive_logits(model, x)
-    tol = 1e-5 if model.streaming else 1e-8  # streaming: float32 angles at cache positions, not the originals
+    # streaming: float32 angles at cache positions, not the originals
+    tol = 1e-5 if isinstance(attention, StreamingAttention) else 1e-8
     torch.testing.assert_close(got, written_out(model, x, bounds(N, L)), rtol=tol, atol=tol)
 
 
@@ -92,9 +94,9 @@ def test_cache_re_rotates_every_key_when_t_changes_and_only_the_new_ones_otherwi
     model = model_for("clex")
     x = tokens(L + 3)
     used, rotated_rows = [], []
-    real_attention, real_rotary = clex.model.attention, clex.model.apply_rotary
-    monkeypatch.setattr(clex.model, "attention", lambda q, k, *a: used.append(k) or real_attention(q, k, *a))
-    monkeypatch.setattr(clex.model, "apply_rotary",
+    real_attention, real_rotary = clex.attention.attention, clex.attention.apply_rotary
+    monkeypatch.setattr(clex.attention, "attention", lambda q, k, *a: used.append(k) or real_attention(q, k, *a))
+    monkeypatch.setattr(clex.attention, "apply_rotary",
                         lambda y, c, s: rotated_rows.append(y.shape[-2]) or real_rotary(y, c, s))
     cache = model.new_cache()
 

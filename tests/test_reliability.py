@@ -218,7 +218,7 @@ def test_stages_declare_the_code_and_params_they_read(tmp_path):
     s = {**hand_written(study), **{name: stanza for name, (_, stanza) in stages(study).items()}}
     for name in ("evaluate_base", "evaluate", "evaluate_on_naive_ft", "evaluate_on_clex"):
         deps = s[name]["deps"]
-        assert {"clex/evaluate.py", "clex/passkey.py", "clex/streaming.py", "clex/model.py", "clex/rope", "clex/data.py",
+        assert {"clex/evaluate.py", "clex/passkey.py", "clex/streaming.py", "clex/attention.py", "clex/model.py", "clex/rope", "clex/data.py",
                 "clex/train.py"} <= set(deps), name
     assert {"model.train_len", "pretrain.seed", "passkey.samples", "passkey.digits", "passkey.train_fraction",
             "passkey.depths"} <= set(s["ablations/discrete_vs_continuous"]["params"])

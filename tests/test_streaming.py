@@ -1,4 +1,4 @@
-"""StreamingLLM-style attention (clex.streaming) and the Decoder's streaming mode, against a slow reference
+"""StreamingLLM-style attention (clex.streaming) and the Decoder with the streaming variant, against a slow reference
 that literally simulates the rolling KV cache (sinks + last `window` tokens, positions inside the cache)."""
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import clex.model
+import clex.attention
+from clex.attention import CausalAttention, StreamingAttention
 from clex.config import ModelConfig
 from clex.model import Decoder
 from clex.rope import Alibi, PlainRope, apply_rotary, default_inv_freq, rotary_tables
@@ -118,7 +119,7 @@ def test_bad_window_or_sinks(window, sinks):
     with pytest.raises(ValueError, match="streaming (window|sinks)"):
         streaming_attention(q, k, v, cos, sin, window, sinks, 1.0)
     with pytest.raises(ValueError, match="streaming (window|sinks)"):
-        Decoder(CFG, 50, PlainRope(CFG.head_dim, CFG.rope_base, CFG.train_len), streaming=(window, sinks))
+        StreamingAttention(window, sinks)
 
 
 def test_bad_block_and_tables():
@@ -130,14 +131,18 @@ def test_bad_block_and_tables():
         streaming_attention(q, k, v, cos[:9], sin[:9], 4, 1, 1.0)
 
 
-# ---------------------------------------------------------------------------- the Decoder's streaming mode
+# ---------------------------------------------------------------------------- the Decoder with the streaming variant
 CFG = ModelConfig(d_model=32, n_layers=2, n_heads=2, d_ff=64, train_len=16)
 
 
-def tiny(streaming=None, rope=None, seed: int = 0) -> Decoder:
+def tiny(streaming=None, rope=None, seed: int = 0, log_scale: bool = False) -> Decoder:
+    """streaming: (window, sinks), or None for plain causal attention."""
     torch.manual_seed(seed)
     rope = rope or PlainRope(CFG.head_dim, CFG.rope_base, CFG.train_len)
-    model = Decoder(CFG, 50, rope, streaming=streaming).eval()
+    log_scale_len = CFG.train_len if log_scale else None
+    attention = (StreamingAttention(*streaming, log_scale_len=log_scale_len) if streaming
+                 else CausalAttention(log_scale_len=log_scale_len))
+    model = Decoder(CFG, 50, rope, attention).eval()
     with torch.no_grad():  # peakier attention than at init, so that dropping tokens shows
         for block in model.blocks:
             block.attn.qkv.weight.mul_(10)
@@ -148,7 +153,7 @@ def test_decoder_streaming_differs_only_after_the_cache_fills():
     window, sinks, T = 6, 2, 40
     tokens = torch.randint(0, 50, (2, T), generator=torch.Generator().manual_seed(0))
     full, stream = tiny(), tiny(streaming=(window, sinks))
-    assert stream.streaming == (window, sinks)
+    assert stream.attention == StreamingAttention(window, sinks)
     with torch.no_grad():
         a, b = full(tokens), stream(tokens)
     c = window + sinks - 1
@@ -167,15 +172,14 @@ def test_decoder_streaming_uses_the_attention_with_folded_q_scale_and_cache_t(mo
     """Every block calls streaming_attention with scale = q_scale/√d; t comes from the cache length."""
     window, sinks, T = 6, 2, 40
     calls, ts = [], []
-    real = clex.model.streaming_attention
+    real = clex.attention.streaming_attention
 
     def spy(q, k, v, cos, sin, w, s, scale, *args, **kwargs):
         calls.append((w, s, scale, q.shape))
         return real(q, k, v, cos, sin, w, s, scale, *args, **kwargs)
 
-    monkeypatch.setattr(clex.model, "streaming_attention", spy)
-    model = tiny(streaming=(window, sinks))
-    model.attn_log_scale = True
+    monkeypatch.setattr(clex.attention, "streaming_attention", spy)
+    model = tiny(streaming=(window, sinks), log_scale=True)
     inference_t = model.rope.inference_t
     monkeypatch.setattr(model.rope, "inference_t", lambda n: ts.append(n) or inference_t(n))
     with torch.no_grad():
@@ -190,6 +194,5 @@ def test_decoder_streaming_uses_the_attention_with_folded_q_scale_and_cache_t(mo
 
 
 def test_decoder_streaming_rejects_bias_encodings():
-    model = tiny(streaming=(6, 2), rope=Alibi(CFG.head_dim, CFG.rope_base, CFG.train_len))
-    with pytest.raises(ValueError, match="Alibi.*rotary"):
-        model(torch.randint(0, 50, (1, 20)))
+    with pytest.raises(ValueError, match="StreamingAttention.*Alibi.*rotary"):
+        tiny(streaming=(6, 2), rope=Alibi(CFG.head_dim, CFG.rope_base, CFG.train_len))
