@@ -34,7 +34,7 @@ from clex import layout, tracking
 from clex.checkpoint import PLAIN, build_model, load_checkpoint
 from clex.config import PASSKEY_TRAINING_KEYS, Experiment, OptimConfig, ParamsError, Study, TrainerConfig
 from clex.data import FixedWindows, TokenWindows, data_hash, load_tokens
-from clex.io import atomic_dir, atomic_file
+from clex.io import atomic_dir, atomic_file, atomic_write_text
 from clex.lit import BasisMonitor, LitDecoder, learns_basis, resolve_rope_lr
 from clex.model import parameter_count
 from clex.passkey import passkey_format
@@ -169,7 +169,7 @@ def resume_checkpoint(resume_dir: Path, stage: str) -> Path | None:
 
 
 def _read_state(state_file: Path) -> dict:
-    """The resume folder's state.json ({config_hash, run_id}); {} when absent or unreadable (killed mid-write)."""
+    """The resume folder's state.json ({config_hash, run_id}); {} when absent or unreadable (a damaged file)."""
     try:
         return json.loads(state_file.read_text())
     except (FileNotFoundError, json.JSONDecodeError):
@@ -317,7 +317,7 @@ def train(study: Study, experiment: Experiment | None = None, seed: int | None =
     if rank_zero_only.rank == 0:
         run_id = logger.run_id  # creates (or reopens) the run before any worker starts
         resume_dir.mkdir(parents=True, exist_ok=True)
-        state_file.write_text(json.dumps({"config_hash": config_hash, "run_id": run_id}))
+        atomic_write_text(state_file, json.dumps({"config_hash": config_hash, "run_id": run_id}))
         tracking.close_stale_runs(root, stage, keep=run_id)
         logger.log_hyperparams({**tracking.flatten(p.model_dump()), **tracking.flatten(exp.model_dump(), "exp."),
                                 "seed": seed, "n_params": parameter_count(model), "seq_len": seq_len,
