@@ -11,6 +11,7 @@ import os
 import sys
 from pathlib import Path
 
+from clex import layout
 from clex.config import ParamsError, Study, load_study, read_yaml_text
 from clex.notebooks import NotebookError
 
@@ -30,23 +31,21 @@ def _validate(study: Study, args) -> None:
                           "writes, so run `clex pipeline` first")
     import json
 
-    out = study.root / "build" / "validated"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("params, experiments and ablations are valid\n")  # constant: downstream caches stay valid
-    resolved = study.root / "build" / "experiments"  # what each fine-tune depends on, `extends` resolved
-    resolved.mkdir(exist_ok=True)
-    for old in resolved.glob("*.json"):
-        if old.stem not in study.experiments:
-            old.unlink()
-    for name, exp in study.experiments.items():
-        (resolved / f"{name}.json").write_text(json.dumps(exp.model_dump(exclude={"description"}), indent=1, sort_keys=True))
+    from clex.io import atomic_dir, atomic_write_text
+
+    # constant: downstream caches stay valid
+    atomic_write_text(layout.validated(study.root), "params, experiments and ablations are valid\n")
+    with atomic_dir(layout.experiments_dir(study.root)) as resolved:  # what each fine-tune depends on, `extends` resolved
+        for name, exp in study.experiments.items():
+            (resolved / f"{name}.json").write_text(json.dumps(exp.model_dump(exclude={"description"}), indent=1,
+                                                              sort_keys=True))
     print(f"valid: {len(study.experiments)} experiments, {len(study.ablations)} ablations")
 
 
 def _prepare(study: Study, args) -> None:
     from clex.data import prepare
 
-    manifest = prepare(study.params.data, study.root / "build" / "data", test_len=study.params.max_eval_len,
+    manifest = prepare(study.params.data, layout.data_dir(study.root), test_len=study.params.max_eval_len,
                        root=study.root)
     print(f"prepared data {manifest['data_hash'][:12]}: {manifest['counts']}")
 

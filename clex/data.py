@@ -4,7 +4,9 @@ Documents come through `datasets` (one document per file for the embedded stdlib
 local files; one row per document for a Hugging Face dataset). The split is by document, from a
 hash of (split_seed, document id), so it does not depend on file-system order or on which other
 documents exist. The tokenizer is trained on the train split only. Everything is written into a
-temporary sibling folder and moved into place at the end, so a failure leaves no half-written data.
+temporary sibling folder and moved into place at the end (`clex.io.atomic_dir`), so a failure leaves no
+half-written data. The readers at the end (token streams, test documents, fixed windows) import torch but not
+Lightning, so evaluation can use them cheaply; training's LightningDataModule is in clex/train.py.
 
 A local corpus (`data.source: files`) keeps only UTF-8 text files: a file with a NUL byte or bytes that are
 not UTF-8 (binary, or text in another encoding) is skipped with a warning naming it and listed in the
@@ -18,18 +20,17 @@ import glob
 import hashlib
 import json
 import math
-import shutil
 import sys
 import sysconfig
 import warnings
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from clex.config import DataConfig, ParamsError
+from clex.io import atomic_dir
 from clex.tracking import file_sha256
 
 EOS = "<|endoftext|>"
@@ -172,10 +173,7 @@ def prepare(cfg: DataConfig, out_dir: Path, *, test_len: int, root: Path | str =
     tok = train_tokenizer([texts[i] for i in split["train"]], cfg.vocab_size)
     eos = tok.token_to_id(EOS)
 
-    tmp = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_dir(out_dir) as tmp:
         counts = {}
         for name in ("train", "val"):
             parts = _encode(tok, [texts[i] for i in split[name]])
@@ -213,11 +211,6 @@ def prepare(cfg: DataConfig, out_dir: Path, *, test_len: int, root: Path | str =
             "split": {name: sorted(ids[i] for i in split[name]) for name in SPLITS}, "test_ids": test_ids,
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
     return manifest
 
 
@@ -267,63 +260,3 @@ class FixedWindows(TokenWindows):
 
     def offset(self, i: int) -> int:
         return int(self.offsets[i])
-
-
-class Resumed(Dataset):
-    """`dataset` from item `start` on (item i is dataset[start + i], wrapping at the end), with the same length:
-    a resumed run's loader yields exactly the items an uninterrupted one would yield from that point, while
-    Lightning's restored batch counters (which continue from the checkpoint) still match its length."""
-
-    def __init__(self, dataset: Dataset, start: int):
-        self.dataset, self.start = dataset, start
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return self.dataset[(self.start + i) % len(self.dataset)]
-
-
-class TokenDataModule(L.LightningDataModule):
-    """Training windows (random, seeded; optionally mixed with passkey examples) and validation windows
-    (fixed, never mixed) from the prepared token streams.
-
-    Training resumes where it stopped: a trainer restored from a checkpoint has taken `global_step` updates of
-    `accumulate_grad_batches` micro-batches on every rank, i.e. consumed the first `consumed_samples()` windows
-    (checkpoints are taken at update boundaries, clex.train.StepCheckpoint), so its loader starts after them
-    (`Resumed`); under DDP each rank's share of the rest is then the one it would have had.
-    """
-
-    def __init__(self, data_dir: Path, seq_len: int, batch_size: int, train_samples: int, val_windows: int,
-                 seed: int, num_workers: int = 0, passkey: tuple | None = None, val_lengths: list[int] | None = None,
-                 val_batch_size: int | None = None):
-        super().__init__()
-        self.passkey = passkey  # (PasskeyFormat, fraction): that share of training windows become passkey examples
-        # validation at other lengths than seq_len (the sweep's objective): one loader per length
-        self.val_lengths, self.val_batch_size = val_lengths, val_batch_size or batch_size
-        self.data_dir, self.seq_len, self.batch_size = Path(data_dir), seq_len, batch_size
-        self.train_samples, self.val_windows, self.seed, self.num_workers = train_samples, val_windows, seed, num_workers
-
-    def _loader(self, ds: Dataset, batch_size: int | None = None) -> DataLoader:
-        return DataLoader(ds, batch_size=batch_size or self.batch_size, shuffle=False, drop_last=False,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
-
-    def consumed_samples(self) -> int:
-        """Training windows the attached trainer's restored updates consumed (0 before the first update)."""
-        t = self.trainer
-        return 0 if t is None else t.global_step * t.accumulate_grad_batches * self.batch_size * t.world_size
-
-    def train_dataloader(self) -> DataLoader:
-        windows = TokenWindows(load_tokens(self.data_dir, "train"), self.seq_len, self.train_samples, self.seed)
-        if self.passkey is not None:
-            from clex.passkey import PasskeyMix
-
-            windows = PasskeyMix(windows, *self.passkey, seed=self.seed)
-        start = self.consumed_samples()
-        return self._loader(Resumed(windows, start) if start else windows)
-
-    def val_dataloader(self) -> DataLoader | list[DataLoader]:
-        tokens = load_tokens(self.data_dir, "val")
-        if self.val_lengths is None:
-            return self._loader(FixedWindows(tokens, self.seq_len, self.val_windows))
-        return [self._loader(FixedWindows(tokens, n, self.val_windows), self.val_batch_size) for n in self.val_lengths]

@@ -33,20 +33,20 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
-import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from clex import tracking
+from clex import layout, tracking
+from clex.checkpoint import checkpoint_source, load_checkpoint
 from clex.config import EvalConfig, Experiment, NonFiniteError, ParamsError, Study
 from clex.data import FixedWindows, data_hash, load_test_docs, load_tokens
-from clex.passkey import eval_set, passkey_accuracy
-from clex.train import PLAIN, base_dir, data_dir, finetune_dir, load_checkpoint, passkey_format
+from clex.io import atomic_file
+from clex.passkey import eval_set, passkey_accuracy, passkey_format
 
 
 def windows(total: int, length: int, protocol: str, stride: int | None) -> list[tuple[int, int]]:
@@ -151,23 +151,10 @@ def check_finite(scores: dict, passkey: dict, model, ckpt: Path, stage: str, exp
             "diverged, change its recipe (e.g. a lower lr)")
 
 
-def eval_path(study: Study, experiment: str, seed: int | None) -> Path:
-    root = study.root / "build" / "eval"
-    return root / "base.json" if experiment == "base" else root / experiment / f"seed{seed}.json"
-
-
-def checkpoint_source(study: Study, experiment: str, seed: int | None) -> tuple[Experiment, Path, int]:
-    """(experiment, folder of its model.pt and run.json, seed) of 'base' or of one fine-tuned run (the reused
-    experiment's run for `reuse:`); the base model's seed is pretrain.seed."""
-    if experiment == "base":
-        return PLAIN, base_dir(study), study.params.pretrain.seed
-    return study.experiment(experiment), finetune_dir(study, study.checkpoint_of(experiment), seed), seed
-
-
 def validation_windows(study: Study) -> torch.Tensor:
     """(eval.val_windows, max(eval.lengths)) tokens: evenly spaced windows of the validation split."""
     n, k = study.params.max_eval_len, study.params.eval.val_windows
-    tokens = load_tokens(data_dir(study), "val")
+    tokens = load_tokens(layout.data_dir(study.root), "val")
     if tokens.size <= n + 1:
         raise ParamsError(f"eval.lengths: max {n} exceeds the {tokens.size} validation tokens; allowed: shorter "
                           "lengths or a larger data.val_fraction")
@@ -183,7 +170,7 @@ def evaluate(study: Study, experiment: str, seed: int | None = None) -> Path:
     fmt = passkey_format(study, min(p.eval.lengths), "the shortest of eval.lengths")
     trained = json.loads((src / "run.json").read_text())
     model = load_checkpoint(study, exp, src / "model.pt")
-    test_docs, _ = load_test_docs(data_dir(study))
+    test_docs, _ = load_test_docs(layout.data_dir(study.root))
     sets = {"test": torch.from_numpy(test_docs[:, : p.max_eval_len].astype("int64")), "val": validation_windows(study)}
     primary = p.eval.protocols[0]
     scores = {protocol: {name: {n: perplexity(model, docs, n, p.eval, protocol) for n in p.eval.lengths}
@@ -201,7 +188,7 @@ def evaluate(study: Study, experiment: str, seed: int | None = None) -> Path:
     record = {
         "experiment": exp.name, "seed": seed, "n_docs": int(sets["test"].shape[0]), "val_windows": p.eval.val_windows,
         "train_run_id": trained["run_id"], "checkpoint_sha256": trained["checkpoint_sha256"],
-        "data_hash": data_hash(data_dir(study)), "reused_checkpoint_of": exp.reuse, "stride": p.eval.stride,
+        "data_hash": data_hash(layout.data_dir(study.root)), "reused_checkpoint_of": exp.reuse, "stride": p.eval.stride,
         "primary": primary, "run_id": None, "protocol": primary, "ppl": ppl(primary, "test"),
         "protocols": {protocol: {"run_id": None, "ppl": ppl(protocol, "test"), "val_ppl": ppl(protocol, "val"),
                                  "detail": {split: {str(n): r for n, r in by_n.items()} for split, by_n in s.items()}}
@@ -226,53 +213,29 @@ def _metrics(entry: dict, passkey: dict | None) -> list[tuple[str, float, int]]:
 
 def _track(study: Study, exp: Experiment, seed: int, stage: str, src: Path, train_run_id: str, record: dict) -> Path:
     """One MLflow run per protocol, nested under the run that trained the checkpoint; every run carries the
-    eval record (artifact eval/<name>.json), which is then moved into place (the stage's output) last."""
-    from mlflow.entities import Metric, Param
-
+    eval record (artifact eval/<name>.json), which is then moved into place (the stage's output) before the
+    runs close: FINISHED, or all FAILED when anything fails."""
     root, p = study.root, study.params
     tracking.close_stale_runs(root, stage)
-    c, experiment_id = tracking.client(root), tracking.experiment_id(root)
-    params = [Param(k, v) for k, v in {
-        **tracking.flatten(p.model_dump()), **tracking.flatten(p.eval.model_dump(), "eval."),
-        **tracking.flatten(p.passkey.model_dump(), "passkey."), **tracking.flatten(exp.model_dump(), "exp."),
-        "seed": str(seed)}.items()]
-    tags = {"role": "evaluate", "experiment": exp.name, "seed": str(seed), "dvc_stage": stage,
-            "ablations": tracking.ablations_of(study, exp.name), "git_commit": tracking.git_commit(root),
-            "data_hash": record["data_hash"], "checkpoint_sha256": record["checkpoint_sha256"],
-            "mlflow.parentRunId": train_run_id, "checkpoint_of": exp.reuse or exp.name}
-    runs: dict[str, str] = {}
-    try:
+    c = tracking.client(root)
+    params = {**tracking.flatten(p.model_dump()), **tracking.flatten(p.eval.model_dump(), "eval."),
+              **tracking.flatten(p.passkey.model_dump(), "passkey."), **tracking.flatten(exp.model_dump(), "exp."),
+              "seed": str(seed)}
+    tags = tracking.run_tags(root, stage, "evaluate", parent=train_run_id, experiment=exp.name, seed=seed,
+                             ablations=tracking.ablations_of(study, exp.name), data_hash=record["data_hash"],
+                             checkpoint_sha256=record["checkpoint_sha256"], checkpoint_of=exp.reuse or exp.name)
+    out = layout.eval_path(root, exp.name, seed)  # PLAIN is named "base"
+    with ExitStack() as runs:
         for protocol, entry in record["protocols"].items():
             primary = protocol == record["primary"]
-            run_id = c.create_run(experiment_id, run_name=stage, tags={
-                **tags, "eval_protocol": protocol, "eval_primary": str(primary).lower()}).info.run_id
-            runs[protocol] = entry["run_id"] = run_id
-            now = int(time.time() * 1000)
-            passkey = record["passkey"] if primary else None
-            metrics = [Metric(k, v, now, step) for k, v, step in _metrics(entry, passkey)]
-            for i in range(0, len(params), 100):  # MLflow's batch limits
-                c.log_batch(run_id, params=params[i:i + 100])
-            for i in range(0, len(metrics), 1000):
-                c.log_batch(run_id, metrics=metrics[i:i + 1000])
-        record["run_id"] = runs[record["primary"]]
-        out = eval_path(study, exp.name, seed)  # PLAIN is named "base"
-        tmp = out.parent / ".partial" / out.name  # the artifact keeps the output's name; moved into place last
-        tmp.parent.mkdir(parents=True, exist_ok=True)
-        try:
+            entry["run_id"] = runs.enter_context(tracking.open_run(root, stage, {
+                **tags, "eval_protocol": protocol, "eval_primary": str(primary).lower()}, params))
+            tracking.log_metrics(c, entry["run_id"], _metrics(entry, record["passkey"] if primary else None))
+        record["run_id"] = record["protocols"][record["primary"]]["run_id"]
+        with atomic_file(out) as tmp:  # the artifact keeps the output's name
             tmp.write_text(json.dumps(record, indent=2))
-        except OSError as e:  # a full disk: no partial file left, and the message names the output
-            shutil.rmtree(tmp.parent, ignore_errors=True)
-            raise OSError(e.errno, e.strerror, str(out)) from e
-        for run_id in runs.values():
-            c.log_artifact(run_id, str(tmp), artifact_path="eval")
-            if exp.reuse is None:  # a reused checkpoint's table is the other experiment's, logged by its own run
-                c.log_artifact(run_id, str(src / "frequencies.json"))
-        tmp.rename(out)
-        tmp.parent.rmdir()
-    except BaseException:
-        for run_id in runs.values():
-            c.set_terminated(run_id, status="FAILED")
-        raise
-    for run_id in runs.values():
-        c.set_terminated(run_id)
+            for entry in record["protocols"].values():
+                c.log_artifact(entry["run_id"], str(tmp), artifact_path="eval")
+                if exp.reuse is None:  # a reused checkpoint's table is the other experiment's, logged by its own run
+                    c.log_artifact(entry["run_id"], str(src / "frequencies.json"))
     return out

@@ -17,11 +17,13 @@ from pathlib import Path
 
 import torch
 
+from clex import layout, tracking
+from clex.checkpoint import checkpoint_source, load_checkpoint
 from clex.config import ParamsError, Study
 from clex.data import load_test_docs
-from clex.evaluate import checkpoint_source, progressive_logits
+from clex.evaluate import progressive_logits
+from clex.io import atomic_write_text
 from clex.model import Decoder, KVCache
-from clex.train import data_dir, load_checkpoint
 
 
 def pick(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
@@ -87,7 +89,7 @@ def prompt_ids(study: Study, prompt_file: Path | None, prompt_doc: int | None, p
             raise ParamsError(f"--prompt-file: {prompt_file} is not a file; allowed: a text file")
         ids, what = tokenizer.encode(Path(prompt_file).read_text()).ids, f"--prompt-file {prompt_file}"
     else:
-        docs, _ = load_test_docs(data_dir(study))
+        docs, _ = load_test_docs(layout.data_dir(study.root))
         doc = 0 if prompt_doc is None else prompt_doc
         if not 0 <= doc < len(docs):
             raise ParamsError(f"--prompt-doc: {doc}; allowed: a test document index in 0..{len(docs) - 1}")
@@ -114,10 +116,10 @@ def run_generate(study: Study, experiment: str, seed: int | None, *, prompt_file
         raise ParamsError(f"--device: {device}, but CUDA is not available; allowed: auto or cpu")
     exp, src, seed = checkpoint_source(study, experiment, seed)
     if not (src / "model.pt").is_file():
-        stage = "pretrain" if experiment == "base" else f"finetune@{study.checkpoint_of(experiment)}-{seed}"
+        stage = "pretrain" if experiment == "base" else tracking.stage_name("finetune", study.checkpoint_of(experiment), seed)
         raise ParamsError(f"{experiment} (seed {seed}): no checkpoint at {src / 'model.pt'}; "
                           f"allowed: a trained run (`dvc repro {stage}`)")
-    tokenizer = Tokenizer.from_file(str(data_dir(study) / "tokenizer.json"))
+    tokenizer = Tokenizer.from_file(str(layout.data_dir(study.root) / "tokenizer.json"))
     prompt = prompt_ids(study, prompt_file, prompt_doc, prompt_tokens, tokenizer)
     model = load_checkpoint(study, exp, src / "model.pt").to(device)
     generator = None if sample_seed is None else torch.Generator().manual_seed(sample_seed)
@@ -129,6 +131,5 @@ def run_generate(study: Study, experiment: str, seed: int | None, *, prompt_file
               "prompt_ids": prompt, "generated_ids": ids, "prompt_text": tokenizer.decode(prompt),
               "text": tokenizer.decode(ids), "t": ts, "seconds": seconds}
     if out is not None:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(result, indent=2))
+        atomic_write_text(Path(out), json.dumps(result, indent=2))
     return result

@@ -17,6 +17,9 @@ the study root; the functions return `root / <relative path>`.
     reports/<ablation>/                  `clex report`: table.md, ppl_vs_length.png, metrics.json, ...
     reports/sweeps/<sweep>/              best.yaml, trials.csv, metrics.json
     reports/analysis/                    executed notebooks and their figures
+
+Outputs are written beside their final place and renamed into it (clex/io.py): a folder as `<name>.partial`,
+files in a `.partial/` folder next to them; a `.partial` left behind is a write that was killed.
 """
 from __future__ import annotations
 

@@ -20,12 +20,11 @@ import sys
 import time
 from pathlib import Path
 
-from clex import tracking
+from clex import layout, tracking
 from clex.config import ParamsError, Study
+from clex.io import move_files
 
 NOTEBOOKS = "analysis"
-OUTPUT = Path("reports") / "analysis"
-BUILD = Path("build") / "analysis"
 KERNEL = "python3"
 
 
@@ -77,7 +76,7 @@ def run_notebooks(study: Study, names: list[str] | None = None) -> Path:
         raise ParamsError(f"notebooks: {unknown} unknown; allowed: {allowed} (analysis/*.ipynb without .ipynb)")
     chosen = sorted(set(names or allowed))
     check_kernel()
-    staging = root / BUILD / "staging"
+    staging = layout.analysis_build(root) / "staging"
     shutil.rmtree(staging, ignore_errors=True)
     (staging / "figures").mkdir(parents=True)
     params = {"root": str(root), "tracking_uri": tracking.tracking_uri(root), "figures": str(staging / "figures")}
@@ -99,21 +98,21 @@ def run_notebooks(study: Study, names: list[str] | None = None) -> Path:
             if stray:
                 raise NotebookError(f"{NOTEBOOKS}/{name}.ipynb wrote figures {stray}; their names must start with "
                                     f"{figure_prefix(name)!r} (how a rerun of one notebook finds its figures)")
-        _publish(root / OUTPUT, staging, chosen, timings, everything=chosen == allowed)
+        _publish(layout.analysis_reports(root), staging, chosen, timings, everything=chosen == allowed)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return root / OUTPUT
+    return layout.analysis_reports(root)
 
 
 def _failure(root: Path, staging: Path, name: str, e) -> NotebookError:
     """Keep the failed executed notebook under build/analysis/failed/ and say where and why it failed."""
-    failed = root / BUILD / "failed" / f"{name}.ipynb"
+    failed = layout.analysis_build(root) / "failed" / f"{name}.ipynb"
     failed.parent.mkdir(parents=True, exist_ok=True)
     if (staging / f"{name}.ipynb").exists():
         shutil.move(staging / f"{name}.ipynb", failed)
     first = next((line for line in e.source.splitlines() if line.strip()), "")
     msg = (f"{NOTEBOOKS}/{name}.ipynb failed in cell [{e.exec_count}] (starting `{first}`): {e.ename}: {e.evalue}\n"
-           f"executed notebook with the traceback: {failed}\nnothing was written to {root / OUTPUT}")
+           f"executed notebook with the traceback: {failed}\nnothing was written to {layout.analysis_reports(root)}")
     return NotebookError(msg)
 
 
@@ -124,11 +123,8 @@ def _publish(out: Path, staging: Path, names: list[str], timings: dict, everythi
     figures.mkdir(parents=True, exist_ok=True)
     stale = [p for p in out.glob("*.ipynb") if everything or p.stem in names]
     stale += [p for p in figures.glob("*.png") if everything or any(p.name.startswith(figure_prefix(n)) for n in names)]
+    old = json.loads((out / "timings.json").read_text()) if (out / "timings.json").exists() and not everything else {}
+    (staging / "timings.json").write_text(json.dumps({**old, **timings}, indent=2, sort_keys=True) + "\n")
     for p in stale:
         p.unlink()
-    for name in names:
-        (staging / f"{name}.ipynb").replace(out / f"{name}.ipynb")
-    for png in (staging / "figures").glob("*.png"):
-        png.replace(figures / png.name)
-    old = json.loads((out / "timings.json").read_text()) if (out / "timings.json").exists() and not everything else {}
-    (out / "timings.json").write_text(json.dumps({**old, **timings}, indent=2, sort_keys=True) + "\n")
+    move_files(staging, out)

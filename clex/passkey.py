@@ -27,7 +27,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from clex.config import KEY, PASSKEY_NEEDLE as NEEDLE, PASSKEY_QUESTION as QUESTION, check_passkey_template
+from clex import layout
+from clex.config import (KEY, PASSKEY_NEEDLE as NEEDLE, PASSKEY_QUESTION as QUESTION, ParamsError, Study,
+                         check_passkey_template)
 
 MIN_FILLER = 8  # an example needs more than this many filler tokens besides the needle, question and answer
 
@@ -81,6 +83,19 @@ class PasskeyFormat:
         for piece in self.needle[1:]:
             out += k + list(piece)
         return out
+
+
+def passkey_format(study: Study, length: int, what: str) -> PasskeyFormat:
+    """The passkey format on the prepared tokenizer, checked to fit `length` tokens before any compute."""
+    pk = study.params.passkey
+    fmt = PasskeyFormat.from_tokenizer(layout.data_dir(study.root) / "tokenizer.json", pk.digits, pk.needle, pk.question)
+    if not fmt.fits(length):
+        raise ParamsError(
+            f"passkey.digits: {pk.digits} makes a passkey example {fmt.overhead} tokens plus more than "
+            f"{MIN_FILLER} of filler, more than the {length} tokens of {what}; allowed: fewer digits or a "
+            f"longer {what}"
+        )
+    return fmt
 
 
 def build_example(fmt: PasskeyFormat, filler: np.ndarray, length: int, depth: float,

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 
 import numpy as np
 
-from clex import tracking
+from clex import layout, tracking
 from clex.config import NonFiniteError, ParamsError, Study
+from clex.io import staged_files
 from clex.stats import mean_ci, min_p, paired
 
 PROTOCOL_DESCRIPTIONS = {  # one line each; the definitions are in docs/protocols.md
@@ -265,15 +265,13 @@ def load_frame(study: Study, names: list[str], ablation: str):
     the same protocols."""
     import pandas as pd
 
-    from clex.evaluate import eval_path  # torch and lightning, only for the eval JSON's path
-
     p = study.params
     depths = [f"depth{d}" for d in p.passkey.depths]
     evals = {}  # {stage: (path, record)}
     for exp in names:
         for seed in [p.pretrain.seed] if exp == "base" else p.finetune.seeds:
             stage = "evaluate_base" if exp == "base" else study.evaluate_stage(exp, seed)
-            path = eval_path(study, exp, seed)
+            path = layout.eval_path(study.root, exp, seed)
             evals[stage] = (path, json.loads(path.read_text()))
     c = tracking.client(study.root)
     check_runs(study, c, ablation, evals)
@@ -305,28 +303,23 @@ def build_report(study: Study, ablation_name: str) -> Path:
     df, protocols = load_frame(study, names, ablation_name)
     primary = df[df.protocol == protocols[0]]
 
-    out = study.root / "reports" / ablation_name
-    tmp = out / ".partial"  # files move into place only once all of them exist (DVC keeps a .gitignore in out)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    md = [f"# Ablation: {ab.name}", "", ab.question, "",
-          f"Knob: `{ab.knob}`. Seeds: {seeds} ({len(seeds)} per experiment; the base model has one).",
-          f"Eval protocols: **{protocols[0]}** (primary)" + "".join(f", {q}" for q in protocols[1:])
-          + f"; training length L = {L}; PPL on {len(lengths)} lengths, the same test tokens at every length "
-          "and under every protocol.", ""]
-    md += statistics_note(len(seeds))
-    md += protocol_sections(df, ab, names, lengths, seeds, L, protocols)
-    md += passkey_section(primary, ab, names, lengths, seeds, L, p.passkey, protocols[0])
-    md += ["", "## Runs behind these numbers (MLflow run ids, one evaluation run per protocol)", ""]
-    md += run_lines(df, names, protocols)
-    (tmp / "table.md").write_text("\n".join(md) + "\n")
-    primary.to_csv(tmp / "ppl_by_length.csv", index=False)  # DVC plots: x = length, y = ppl of one protocol
-    (tmp / "metrics.json").write_text(json.dumps(metrics(df, names, lengths, protocols), indent=2))
-    plot_ppl(df, tmp / "ppl_vs_length.png", ab.name, L, protocols)
-    _record(study, ab.name, tmp, df, protocols)
-    for f in tmp.iterdir():
-        f.replace(out / f.name)
-    tmp.rmdir()
+    out = layout.report_dir(study.root, ablation_name)
+    with staged_files(out) as tmp:  # files move into place only once all exist (DVC keeps a .gitignore in out)
+        md = [f"# Ablation: {ab.name}", "", ab.question, "",
+              f"Knob: `{ab.knob}`. Seeds: {seeds} ({len(seeds)} per experiment; the base model has one).",
+              f"Eval protocols: **{protocols[0]}** (primary)" + "".join(f", {q}" for q in protocols[1:])
+              + f"; training length L = {L}; PPL on {len(lengths)} lengths, the same test tokens at every length "
+              "and under every protocol.", ""]
+        md += statistics_note(len(seeds))
+        md += protocol_sections(df, ab, names, lengths, seeds, L, protocols)
+        md += passkey_section(primary, ab, names, lengths, seeds, L, p.passkey, protocols[0])
+        md += ["", "## Runs behind these numbers (MLflow run ids, one evaluation run per protocol)", ""]
+        md += run_lines(df, names, protocols)
+        (tmp / "table.md").write_text("\n".join(md) + "\n")
+        primary.to_csv(tmp / "ppl_by_length.csv", index=False)  # DVC plots: x = length, y = ppl of one protocol
+        (tmp / "metrics.json").write_text(json.dumps(metrics(df, names, lengths, protocols), indent=2))
+        plot_ppl(df, tmp / "ppl_vs_length.png", ab.name, L, protocols)
+        _record(study, ab.name, tmp, df, protocols)
     return out
 
 
@@ -390,16 +383,13 @@ def plot_ppl(df, path: Path, title: str, L: int, protocols: list[str]) -> None:
 def _record(study: Study, name: str, folder: Path, df, protocols: list[str]) -> None:
     """The report itself is an MLflow run: its source run ids (one per protocol × experiment × seed) as
     params `source_run.<protocol>/<experiment>/seed<s>`, its files as artifacts."""
-    import mlflow
-
     root = study.root
     stage = f"ablations/{name}"
     sources = df.drop_duplicates(["protocol", "experiment", "seed"])
     tracking.close_stale_runs(root, stage)
-    with mlflow.start_run(experiment_id=tracking.experiment_id(root), run_name=stage,
-                          tags={"role": "report", "ablation": name, "dvc_stage": stage,
-                                "git_commit": tracking.git_commit(root), "eval_protocol": ",".join(protocols)}):
-        mlflow.log_params({f"source_run.{r.protocol}/{r.experiment}/seed{r.seed}": r.run_id
-                           for r in sources.itertuples()})
+    params = {f"source_run.{r.protocol}/{r.experiment}/seed{r.seed}": r.run_id for r in sources.itertuples()}
+    tags = tracking.run_tags(root, stage, "report", ablation=name, eval_protocol=",".join(protocols))
+    with tracking.open_run(root, stage, tags, params) as run_id:
+        c = tracking.client(root)
         for f in ("table.md", "ppl_vs_length.png", "metrics.json", "ppl_by_length.csv"):
-            mlflow.log_artifact(str(folder / f), artifact_path="report")
+            c.log_artifact(run_id, str(folder / f), artifact_path="report")

@@ -32,9 +32,10 @@ import yaml
 from optuna.trial import TrialState
 from optuna_integration import PyTorchLightningPruningCallback
 
-from clex import tracking
+from clex import layout, tracking
 from clex.config import Experiment, FinetuneConfig, ParamsError, Study, load_study
 from clex.data import data_hash, load_tokens
+from clex.io import staged_files
 
 HEARTBEAT_S, GRACE_S = 5, 20  # a trial without a heartbeat for GRACE_S seconds is failed and retried once
 SQLITE_BUSY_TIMEOUT_S = 600  # writers wait for a locked sqlite database instead of failing
@@ -55,14 +56,6 @@ class StepPruning(PyTorchLightningPruningCallback):
             raise optuna.TrialPruned(f"pruned at step {trainer.global_step} ({self.monitor} {score.item():.3f})")
 
 
-def sweep_dir(study: Study) -> Path:
-    return study.root / "build" / "sweeps" / study.params.sweep.name
-
-
-def report_dir(study: Study) -> Path:
-    return study.root / "reports" / "sweeps" / study.params.sweep.name
-
-
 def trial_stage(sweep: str, number: int) -> str:
     """A trial's stage name: its MLflow run name and resume folder build/resume/<stage>."""
     return f"sweeps/{sweep}/trial{number}"
@@ -70,7 +63,7 @@ def trial_stage(sweep: str, number: int) -> str:
 
 def storage_url(study: Study) -> str:
     cfg = study.params.sweep
-    return cfg.storage or f"sqlite:///{sweep_dir(study).with_suffix('.db')}"
+    return cfg.storage or f"sqlite:///{layout.sweep_db(study.root, cfg.name)}"
 
 
 def _storage(study: Study, root: Path) -> optuna.storages.RDBStorage:
@@ -84,8 +77,8 @@ def _storage(study: Study, root: Path) -> optuna.storages.RDBStorage:
         """A trial whose worker died: close its MLflow run and drop its resume folder (the retry is another trial,
         trained from the start), then queue it again with the same parameters."""
         _close_trial_run(root, study_.study_name, trial.number, "failed", "KILLED")
-        shutil.rmtree(root / "build" / "resume" / trial_stage(study_.study_name, trial.number), ignore_errors=True)
-        optuna.storages.RetryFailedTrialCallback(max_retry=1)(study_, trial)
+        shutil.rmtree(layout.resume_dir(root, trial_stage(study_.study_name, trial.number)), ignore_errors=True)
+        optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1)(study_, trial)
 
     for attempt in range(3):  # several workers creating the tables of a new database at once
         try:
@@ -117,11 +110,11 @@ def settings(study: Study) -> dict:
 
 def check_data(study: Study) -> None:
     """Before any compute: the validation stream holds a window of the longest objective length."""
-    from clex.train import data_dir, passkey_format
+    from clex.passkey import passkey_format
 
     p = study.params
     longest = max(p.sweep.val_multipliers) * p.model.train_len
-    size = load_tokens(data_dir(study), "val").size
+    size = load_tokens(layout.data_dir(study.root), "val").size
     if size <= longest + 1:
         raise ParamsError(f"sweep.val_multipliers: {p.sweep.val_multipliers} needs validation windows of {longest + 1} "
                           f"tokens, but the validation split has {size}; allowed: smaller multipliers or more "
@@ -172,21 +165,18 @@ def open_study(study: Study, worker: int = 0) -> tuple[optuna.Study, str]:
 
 
 def _create_parent_run(study: Study) -> str:
-    from mlflow.entities import Param
-
+    """The sweep's MLflow run (RUNNING until `write_outputs` closes it); the trials' runs nest under it."""
     cfg, root = study.params.sweep, study.root
-    c = tracking.client(root)
-    run = c.create_run(tracking.experiment_id(root), run_name=f"sweeps/{cfg.name}", tags={
-        "role": "sweep", "sweep": cfg.name, "optuna_study": cfg.name, "optuna_storage": _redacted(storage_url(study)),
-        "dvc_stage": f"sweeps/{cfg.name}", "experiment": cfg.experiment, "seed": str(cfg.seed),
-        "git_commit": tracking.git_commit(root), "data_hash": data_hash(root / "build" / "data")})
+    stage = f"sweeps/{cfg.name}"
+    tags = tracking.run_tags(root, stage, "sweep", sweep=cfg.name, optuna_study=cfg.name,
+                             optuna_storage=_redacted(storage_url(study)), experiment=cfg.experiment, seed=cfg.seed,
+                             data_hash=data_hash(layout.data_dir(root)))
     space = {"space.ode_width": str(cfg.ode_width), "space.t_max": str(cfg.t_max)}
     if cfg.lr is not None:
         space["space.lr"] = str(cfg.lr)
     params = {**tracking.flatten(cfg.model_dump(exclude={"storage"}), "sweep."),
               **tracking.flatten(trial_optim(study).model_dump(), "finetune."), **space}
-    c.log_batch(run.info.run_id, params=[Param(k, v) for k, v in params.items()])
-    return run.info.run_id
+    return tracking.start_run(root, stage, tags, params)
 
 
 def _trial_run_id(root: Path, sweep: str, number: int) -> str | None:
@@ -233,11 +223,11 @@ def objective(study: Study, parent: str):
             optim = optim.model_copy(update={"lr": trial.suggest_float("lr", *cfg.lr, log=True)})
         stage = trial_stage(cfg.name, trial.number)
         spec = RunSpec(
-            stage=stage, out_dir=sweep_dir(study) / f"trial{trial.number}", optim=optim,
+            stage=stage, out_dir=layout.sweep_dir(root, cfg.name) / f"trial{trial.number}", optim=optim,
             val_lengths=[m * p.model.train_len for m in cfg.val_multipliers], val_windows=cfg.val_windows,
             val_batch_size=p.eval.batch_size, val_protocol=p.eval.protocols[0], val_every_n_steps=cfg.val_every_n_steps,
-            tags={"role": "sweep_trial", "sweep": cfg.name, "trial_number": str(trial.number), "state": "running",
-                  "mlflow.parentRunId": parent, "ablations": ""},
+            role="sweep_trial", parent=parent,
+            tags={"sweep": cfg.name, "trial_number": str(trial.number), "state": "running", "ablations": ""},
             params={"trial.number": trial.number, "objective_protocol": p.eval.protocols[0],
                     **{f"trial.{k}": v for k, v in trial.params.items()}},
             callbacks=[StepPruning(trial, monitor="val_ppl")])
@@ -250,7 +240,7 @@ def objective(study: Study, parent: str):
                 trial.set_user_attr("mlflow_run_id", run_id)
             raise
         finally:
-            shutil.rmtree(root / "build" / "resume" / stage, ignore_errors=True)
+            shutil.rmtree(layout.resume_dir(root, stage), ignore_errors=True)
         info = json.loads((out / "run.json").read_text())
         value = info["metrics"]["val_ppl"]
         c = tracking.client(root)
@@ -361,24 +351,19 @@ def write_outputs(study: Study, st: optuna.Study, parent: str) -> Path:
                "mean_seconds_complete": round(float(complete.seconds.mean()), 2),
                "mean_seconds_pruned": round(float(frame[frame.state == "pruned"].seconds.mean()), 2)
                if counts["pruned"] else None}
-    out = report_dir(study)
-    tmp = out / ".partial"  # files move into place only once all exist (DVC keeps a .gitignore in out)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    (tmp / "best.yaml").write_text(best_yaml(study, best, parent))
-    frame.to_csv(tmp / "trials.csv", index=False)
-    (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    c = tracking.client(root)
-    for key in ("best_value", "trials_complete", "trials_pruned", "trials_failed", "pruned_share"):
-        c.log_metric(parent, key, metrics[key])
-    c.set_tag(parent, "best_trial", str(best.number))
-    c.set_tag(parent, "best_run_id", best.user_attrs.get("mlflow_run_id", ""))
-    for name in ("best.yaml", "trials.csv", "metrics.json"):
-        c.log_artifact(parent, str(tmp / name), artifact_path="sweep")
-    c.set_terminated(parent, status="FINISHED")
-    for f in tmp.iterdir():
-        f.replace(out / f.name)
-    tmp.rmdir()
+    out = layout.sweep_report_dir(root, cfg.name)
+    with staged_files(out) as tmp:  # files move into place only once all exist (DVC keeps a .gitignore in out)
+        (tmp / "best.yaml").write_text(best_yaml(study, best, parent))
+        frame.to_csv(tmp / "trials.csv", index=False)
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        c = tracking.client(root)
+        tracking.log_metrics(c, parent, {key: metrics[key] for key in
+                                         ("best_value", "trials_complete", "trials_pruned", "trials_failed", "pruned_share")})
+        c.set_tag(parent, "best_trial", str(best.number))
+        c.set_tag(parent, "best_run_id", best.user_attrs.get("mlflow_run_id", ""))
+        for name in ("best.yaml", "trials.csv", "metrics.json"):
+            c.log_artifact(parent, str(tmp / name), artifact_path="sweep")
+        c.set_terminated(parent, status="FINISHED")
     return out
 
 

@@ -4,7 +4,8 @@ The store defaults to a sqlite file at the study root (`MLFLOW_TRACKING_URI` ove
 artifacts are anchored at `<root>/mlruns` whatever the stage's working directory (MLflow 3.17: otherwise
 they land relative to the cwd at experiment creation). Every run gets the flattened params and the
 tags that make its numbers traceable: experiment, seed, ablations, git commit, data hash, checkpoint
-hash, eval protocol, DVC stage.
+hash, eval protocol, DVC stage (`run_tags`, the one place that builds them, used by training, evaluation,
+the report and the sweep); `start_run`/`open_run` create the runs the stages log with the client API.
 
 MLflow stores those artifact locations as absolute URIs, so a study folder that was moved (or copied)
 would send new artifacts to the old path. The locations follow the root instead: when the store is the
@@ -18,6 +19,8 @@ import os
 import sqlite3
 import subprocess
 import sys
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
@@ -143,3 +146,57 @@ def ablations_of(study, experiment: str) -> str:
     """Comma-separated ablations that use this experiment's runs (shared by several); every report shows
     the base model, so 'base' belongs to all of them."""
     return ",".join(sorted(a.name for a in study.ablations.values() if experiment in a.experiments + ["base"]))
+
+
+def run_tags(root: Path, stage: str, role: str, parent: str | None = None, **tags) -> dict[str, str]:
+    """The tags of a stage's run: `role`, `dvc_stage` = stage, `git_commit`, the given `tags` (None values left
+    out, the others as strings: experiment, seed, ablations, data_hash, ...) and, with `parent`, the link that
+    nests it under that run. The link is MLflow's `mlflow.parentRunId` tag: `MlflowClient.create_run` (MLflow
+    3.17) takes no parent, Lightning's MLFlowLogger creates its run with that client, and the fluent
+    `mlflow.start_run(parent_run_id=...)`, which keeps one active run per thread, writes this same tag."""
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+    out = {"role": role, "dvc_stage": stage, "git_commit": git_commit(root),
+           **{k: str(v) for k, v in tags.items() if v is not None}}
+    if parent is not None:
+        out[MLFLOW_PARENT_RUN_ID] = parent
+    return out
+
+
+def start_run(root: Path, name: str, tags: dict[str, str], params: dict | None = None) -> str:
+    """A new RUNNING run `name` of the study's experiment with `tags` and `params` (batched); returns its id. Like
+    `mlflow.start_run` and Lightning's MLFlowLogger it adds MLflow's context tags (mlflow.user, mlflow.source.*)."""
+    from mlflow.entities import Param
+    from mlflow.tracking.context.registry import resolve_tags
+
+    c = client(root)
+    run_id = c.create_run(experiment_id(root), run_name=name, tags=resolve_tags(tags)).info.run_id
+    items = [Param(k, str(v)) for k, v in (params or {}).items()]
+    for i in range(0, len(items), 100):  # MLflow's batch limit for params
+        c.log_batch(run_id, params=items[i:i + 100])
+    return run_id
+
+
+@contextmanager
+def open_run(root: Path, name: str, tags: dict[str, str], params: dict | None = None) -> Iterator[str]:
+    """`start_run` for the length of a block: FINISHED when it ends, FAILED when it raises."""
+    run_id = start_run(root, name, tags, params)
+    try:
+        yield run_id
+    except BaseException:
+        client(root).set_terminated(run_id, status="FAILED")
+        raise
+    client(root).set_terminated(run_id)
+
+
+def log_metrics(c, run_id: str, metrics: dict[str, float] | Iterable[tuple[str, float, int]], step: int = 0) -> None:
+    """Log {key: value} at `step`, or (key, value, step) triples, in batches (one store transaction per batch)."""
+    import time
+
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    triples = [(k, v, step) for k, v in metrics.items()] if isinstance(metrics, dict) else list(metrics)
+    items = [Metric(k, float(v), now, s) for k, v, s in triples]
+    for i in range(0, len(items), 1000):  # MLflow's batch limit for metrics
+        c.log_batch(run_id, metrics=items[i:i + 1000])

@@ -4,16 +4,16 @@ One function serves both: pretraining is "fine-tuning" plain RoPE from scratch a
 A killed run resumes from its last Lightning checkpoint into the same MLflow run (no orphan run),
 as long as its configuration is unchanged; runs left RUNNING by a crash are marked KILLED. The resumed run
 equals an uninterrupted one bit for bit on CPU: checkpoints are taken at update boundaries (`StepCheckpoint`),
-the data continue after the windows already consumed (clex.data.TokenDataModule), t and the positions depend
+the data continue after the windows already consumed (`TokenDataModule`), t and the positions depend
 only on (seed, step, micro-batch) (clex.lit), and the run's final metrics include those logged before the
 resume (`LitDecoder.final_metrics`). A checkpoint that does not load is moved aside and the run resumes from
-the one before it, or restarts (`resume_checkpoint`).
+the one before it, or restarts (`resume_checkpoint`). The model is built and loaded by clex/checkpoint.py, its
+paths come from clex/layout.py, its MLflow tags from `tracking.run_tags`, its writes go through clex/io.py.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import sys
 import time
@@ -28,64 +28,17 @@ from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_only
+from torch.utils.data import DataLoader, Dataset
 
-from clex import tracking
-from clex.attention import attention_for
-from clex.config import Experiment, OptimConfig, ParamsError, RopeSpec, Study, TrainerConfig
-from clex.data import TokenDataModule, data_hash
+from clex import layout, tracking
+from clex.checkpoint import PLAIN, build_model, load_checkpoint
+from clex.config import Experiment, OptimConfig, ParamsError, Study, TrainerConfig
+from clex.data import FixedWindows, TokenWindows, data_hash, load_tokens
+from clex.io import atomic_dir, atomic_file, atomic_write_text
 from clex.lit import BasisMonitor, LitDecoder, learns_basis, resolve_rope_lr
-from clex.model import Decoder, parameter_count
-from clex.passkey import MIN_FILLER, PasskeyFormat
-from clex.rope import REFERENCE_SOLVER, ContinuousClex, build_position_encoding, max_rel_error, reference_table, solver_fix
-
-PLAIN = Experiment(name="base", description="plain RoPE base model", rope=RopeSpec(type="rope"))
-
-
-def data_dir(study: Study) -> Path:
-    return study.root / "build" / "data"
-
-
-def base_dir(study: Study) -> Path:
-    return study.root / "build" / "base"
-
-
-def finetune_dir(study: Study, experiment: str, seed: int) -> Path:
-    return study.root / "build" / "finetune" / experiment / f"seed{seed}"
-
-
-def vocab_size(study: Study) -> int:
-    return json.loads((data_dir(study) / "manifest.json").read_text())["vocab_size"]
-
-
-def build_model(study: Study, experiment: Experiment) -> Decoder:
-    m = study.params.model
-    rope = build_position_encoding(experiment.rope, head_dim=m.head_dim, base=m.rope_base, train_len=m.train_len)
-    return Decoder(m, vocab_size(study), rope, attention_for(experiment, m.train_len))
-
-
-def passkey_format(study: Study, length: int, what: str) -> PasskeyFormat:
-    """The passkey format on the prepared tokenizer, checked to fit `length` tokens before any compute."""
-    pk = study.params.passkey
-    fmt = PasskeyFormat.from_tokenizer(data_dir(study) / "tokenizer.json", pk.digits, pk.needle, pk.question)
-    if not fmt.fits(length):
-        raise ParamsError(
-            f"passkey.digits: {pk.digits} makes a passkey example {fmt.overhead} tokens plus more than "
-            f"{MIN_FILLER} of filler, more than the {length} tokens of {what}; allowed: fewer digits or a "
-            f"longer {what}"
-        )
-    return fmt
-
-
-def load_checkpoint(study: Study, experiment: Experiment, ckpt: Path) -> Decoder:
-    """A Decoder for `experiment` with weights from ckpt; rope.* entries come from ckpt when it has them."""
-    model = build_model(study, experiment)
-    state = torch.load(ckpt, map_location="cpu", weights_only=True)
-    own_rope = {k for k in model.state_dict() if k.startswith("rope.")}
-    state = {k: v for k, v in state.items() if not k.startswith("rope.") or k in own_rope}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected or any(not k.startswith("rope.") for k in missing):
-        raise RuntimeError(f"{ckpt}: does not fit the model (missing {missing}, unexpected {unexpected})")
-    return model
+from clex.model import parameter_count
+from clex.passkey import passkey_format
+from clex.rope import REFERENCE_SOLVER, ContinuousClex, max_rel_error, reference_table, solver_fix
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -95,15 +48,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     no partial file and raises an OSError naming the checkpoint."""
 
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
-        tmp = Path(f"{path}.partial")
-        try:
+        with atomic_file(Path(path)) as tmp:
             super().save_checkpoint(checkpoint, tmp, storage_options)
-        except OSError as e:
-            tmp.unlink(missing_ok=True)
-            raise OSError(e.errno, e.strerror, str(path)) from e
-        if os.path.exists(path):
-            os.replace(path, f"{path}.prev")
-        os.replace(tmp, path)
+            if Path(path).exists():
+                Path(path).replace(f"{path}.prev")
 
 
 class StepCheckpoint(ModelCheckpoint):
@@ -123,6 +71,66 @@ class StepCheckpoint(ModelCheckpoint):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step < trainer.max_steps:
             super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+
+class Resumed(Dataset):
+    """`dataset` from item `start` on (item i is dataset[start + i], wrapping at the end), with the same length:
+    a resumed run's loader yields exactly the items an uninterrupted one would yield from that point, while
+    Lightning's restored batch counters (which continue from the checkpoint) still match its length."""
+
+    def __init__(self, dataset: Dataset, start: int):
+        self.dataset, self.start = dataset, start
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.dataset[(self.start + i) % len(self.dataset)]
+
+
+class TokenDataModule(L.LightningDataModule):
+    """Training windows (random, seeded; optionally mixed with passkey examples) and validation windows
+    (fixed, never mixed) from the prepared token streams.
+
+    Training resumes where it stopped: a trainer restored from a checkpoint has taken `global_step` updates of
+    `accumulate_grad_batches` micro-batches on every rank, i.e. consumed the first `consumed_samples()` windows
+    (checkpoints are taken at update boundaries, clex.train.StepCheckpoint), so its loader starts after them
+    (`Resumed`); under DDP each rank's share of the rest is then the one it would have had.
+    """
+
+    def __init__(self, data_dir: Path, seq_len: int, batch_size: int, train_samples: int, val_windows: int,
+                 seed: int, num_workers: int = 0, passkey: tuple | None = None, val_lengths: list[int] | None = None,
+                 val_batch_size: int | None = None):
+        super().__init__()
+        self.passkey = passkey  # (PasskeyFormat, fraction): that share of training windows become passkey examples
+        # validation at other lengths than seq_len (the sweep's objective): one loader per length
+        self.val_lengths, self.val_batch_size = val_lengths, val_batch_size or batch_size
+        self.data_dir, self.seq_len, self.batch_size = Path(data_dir), seq_len, batch_size
+        self.train_samples, self.val_windows, self.seed, self.num_workers = train_samples, val_windows, seed, num_workers
+
+    def _loader(self, ds: Dataset, batch_size: int | None = None) -> DataLoader:
+        return DataLoader(ds, batch_size=batch_size or self.batch_size, shuffle=False, drop_last=False,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+
+    def consumed_samples(self) -> int:
+        """Training windows the attached trainer's restored updates consumed (0 before the first update)."""
+        t = self.trainer
+        return 0 if t is None else t.global_step * t.accumulate_grad_batches * self.batch_size * t.world_size
+
+    def train_dataloader(self) -> DataLoader:
+        windows = TokenWindows(load_tokens(self.data_dir, "train"), self.seq_len, self.train_samples, self.seed)
+        if self.passkey is not None:
+            from clex.passkey import PasskeyMix
+
+            windows = PasskeyMix(windows, *self.passkey, seed=self.seed)
+        start = self.consumed_samples()
+        return self._loader(Resumed(windows, start) if start else windows)
+
+    def val_dataloader(self) -> DataLoader | list[DataLoader]:
+        tokens = load_tokens(self.data_dir, "val")
+        if self.val_lengths is None:
+            return self._loader(FixedWindows(tokens, self.seq_len, self.val_windows))
+        return [self._loader(FixedWindows(tokens, n, self.val_windows), self.val_batch_size) for n in self.val_lengths]
 
 
 LIGHTNING_CHECKPOINT_KEYS = ("state_dict", "optimizer_states", "loops", "global_step")
@@ -161,7 +169,7 @@ def resume_checkpoint(resume_dir: Path, stage: str) -> Path | None:
 
 
 def _read_state(state_file: Path) -> dict:
-    """The resume folder's state.json ({config_hash, run_id}); {} when absent or unreadable (killed mid-write)."""
+    """The resume folder's state.json ({config_hash, run_id}); {} when absent or unreadable (a damaged file)."""
     try:
         return json.loads(state_file.read_text())
     except (FileNotFoundError, json.JSONDecodeError):
@@ -198,7 +206,9 @@ class RunSpec:
     val_lengths: list[int] | None = None
     val_batch_size: int | None = None  # None: optim.batch_size
     val_protocol: str = "progressive"  # with val_lengths: the evaluation protocol of the windows
-    tags: dict = field(default_factory=dict)
+    role: str | None = None  # the MLflow `role` tag; None: pretrain or finetune
+    parent: str | None = None  # the MLflow run this run nests under (a sweep trial: the sweep's run)
+    tags: dict = field(default_factory=dict)  # added to, or replacing, the common tags (`tracking.run_tags`)
     params: dict = field(default_factory=dict)
     callbacks: list = field(default_factory=list)
 
@@ -208,10 +218,10 @@ def stage_run(study: Study, experiment: Experiment | None, seed: int | None) -> 
     validation windows at the training length every `trainer.val_every_n_steps` steps."""
     p = study.params
     if experiment is None:
-        stage, out_dir, optim = "pretrain", base_dir(study), p.pretrain
+        stage, out_dir, optim = "pretrain", layout.base_dir(study.root), p.pretrain
     else:
         stage = tracking.stage_name("finetune", experiment.name, seed)
-        out_dir, optim = finetune_dir(study, experiment.name, seed), study.finetune_config(experiment.name)
+        out_dir, optim = layout.finetune_dir(study.root, experiment.name, seed), study.finetune_config(experiment.name)
     return RunSpec(stage, out_dir, optim, val_windows=p.trainer.val_batches * optim.batch_size,
                    val_every_n_steps=min(p.trainer.val_every_n_steps, optim.steps))
 
@@ -268,7 +278,7 @@ def train(study: Study, experiment: Experiment | None = None, seed: int | None =
     run = run or stage_run(study, experiment, seed)
     optim, stage, out_dir = run.optim, run.stage, run.out_dir
     seq_len = p.model.train_len * (1 if pretraining else optim.seq_len_factor)
-    resume_dir = study.root / "build" / "resume" / stage
+    resume_dir = layout.resume_dir(study.root, stage)
     L.seed_everything(seed, workers=True, verbose=False)
 
     mixing = not pretraining and p.passkey.train_fraction > 0
@@ -277,10 +287,10 @@ def train(study: Study, experiment: Experiment | None = None, seed: int | None =
         model = build_model(study, exp)
         base_sha = None
     else:
-        model = load_checkpoint(study, exp, base_dir(study) / "model.pt")
-        base_sha = json.loads((base_dir(study) / "run.json").read_text())["checkpoint_sha256"]
+        model = load_checkpoint(study, exp, layout.base_dir(study.root) / "model.pt")
+        base_sha = json.loads((layout.base_dir(study.root) / "run.json").read_text())["checkpoint_sha256"]
     rope_lr, step_scale = resolve_rope_lr(optim, model.rope)  # S from the weights at init
-    dhash = data_hash(data_dir(study))
+    dhash = data_hash(layout.data_dir(study.root))
     config_hash = (_config_hash(p.model_dump(), optim.model_dump(), exp.model_dump(), seed, dhash, base_sha)
                    if pretraining else finetune_hash(study, exp, optim, seed, dhash, base_sha))
 
@@ -296,14 +306,10 @@ def train(study: Study, experiment: Experiment | None = None, seed: int | None =
         shutil.rmtree(resume_dir, ignore_errors=True)
     last = resume_checkpoint(resume_dir, stage) if same_run else None
     resuming = last is not None
-    tags = {
-        "role": "pretrain" if pretraining else "finetune", "experiment": exp.name, "seed": str(seed),
-        "ablations": tracking.ablations_of(study, exp.name), "git_commit": tracking.git_commit(root),
-        "data_hash": dhash, "dvc_stage": stage, "config_hash": config_hash,
-    }
-    if base_sha:
-        tags["base_checkpoint_sha256"] = base_sha
-    tags.update(run.tags)
+    tags = {**tracking.run_tags(root, stage, run.role or ("pretrain" if pretraining else "finetune"), parent=run.parent,
+                                experiment=exp.name, seed=seed, ablations=tracking.ablations_of(study, exp.name),
+                                data_hash=dhash, config_hash=config_hash, base_checkpoint_sha256=base_sha),
+            **run.tags}
     logger = MLFlowLogger(
         experiment_name=tracking.MLFLOW_EXPERIMENT, run_name=stage, tracking_uri=tracking.tracking_uri(root),
         tags=tags, run_id=state.get("run_id") if same_run else None,
@@ -311,7 +317,7 @@ def train(study: Study, experiment: Experiment | None = None, seed: int | None =
     if rank_zero_only.rank == 0:
         run_id = logger.run_id  # creates (or reopens) the run before any worker starts
         resume_dir.mkdir(parents=True, exist_ok=True)
-        state_file.write_text(json.dumps({"config_hash": config_hash, "run_id": run_id}))
+        atomic_write_text(state_file, json.dumps({"config_hash": config_hash, "run_id": run_id}))
         tracking.close_stale_runs(root, stage, keep=run_id)
         recorded = ({**tracking.flatten(p.model_dump()), **tracking.flatten(exp.model_dump(), "exp.")} if pretraining
                     else tracking.flatten(study.finetune_inputs(exp, optim)))  # what the fine-tune depends on
@@ -334,7 +340,7 @@ def train(study: Study, experiment: Experiment | None = None, seed: int | None =
     lit = LitDecoder(model, optim, seed, exp.position_sampling, val_protocol=run.val_protocol if run.val_lengths else None,
                      rope_lr=rope_lr)
     # accumulate micro-batches of batch_size/accumulate per update: the same windows per update as one batch
-    dm = TokenDataModule(data_dir(study), seq_len, optim.batch_size // optim.accumulate,
+    dm = TokenDataModule(layout.data_dir(study.root), seq_len, optim.batch_size // optim.accumulate,
                          train_samples=optim.steps * optim.batch_size * trainer.world_size,
                          val_windows=run.val_windows, seed=seed, num_workers=cfg.num_workers,
                          passkey=(fmt, p.passkey.train_fraction) if mixing else None,
@@ -371,24 +377,21 @@ def _check_solver(study, rope, max_error, stage, logger, trainer, resume_dir) ->
 
 def _write_outputs(study, model, out_dir, run_id, tags, trainer, metrics, tokens, seconds, resumed) -> None:
     """model.pt + run.json into out_dir (atomically), and the run's hash, throughput and θ(t) artifacts."""
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    torch.save(model.state_dict(), tmp / "model.pt")
-    sha = tracking.file_sha256(tmp / "model.pt")
-    info = {"run_id": run_id, "stage": tags["dvc_stage"], "experiment": tags["experiment"], "seed": int(tags["seed"]),
-            "checkpoint_sha256": sha, "data_hash": tags["data_hash"], "git_commit": tags["git_commit"],
-            "steps": trainer.global_step, "train_tokens": tokens, "train_seconds": round(seconds, 2),
-            "train_tokens_per_s": round(tokens / seconds, 1) if not resumed else None, "metrics": metrics}
-    freq = model.rope.frequency_table().cpu()
-    table = {"t": list(range(1, freq.shape[0] + 1)), "inv_freq": freq.tolist()}
-    (tmp / "run.json").write_text(json.dumps(info, indent=2))
-    (tmp / "frequencies.json").write_text(json.dumps(table))
-    c = tracking.client(study.root)
-    c.set_tag(run_id, "checkpoint_sha256", sha)
-    if info["train_tokens_per_s"]:
-        c.log_metric(run_id, "train_tokens_per_s", info["train_tokens_per_s"])
-    c.log_artifact(run_id, str(tmp / "run.json"))
-    c.log_artifact(run_id, str(tmp / "frequencies.json"))
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        torch.save(model.state_dict(), tmp / "model.pt")
+        sha = tracking.file_sha256(tmp / "model.pt")
+        info = {"run_id": run_id, "stage": tags["dvc_stage"], "experiment": tags["experiment"],
+                "seed": int(tags["seed"]), "checkpoint_sha256": sha, "data_hash": tags["data_hash"],
+                "git_commit": tags["git_commit"], "steps": trainer.global_step, "train_tokens": tokens,
+                "train_seconds": round(seconds, 2),
+                "train_tokens_per_s": round(tokens / seconds, 1) if not resumed else None, "metrics": metrics}
+        freq = model.rope.frequency_table().cpu()
+        table = {"t": list(range(1, freq.shape[0] + 1)), "inv_freq": freq.tolist()}
+        (tmp / "run.json").write_text(json.dumps(info, indent=2))
+        (tmp / "frequencies.json").write_text(json.dumps(table))
+        c = tracking.client(study.root)
+        c.set_tag(run_id, "checkpoint_sha256", sha)
+        if info["train_tokens_per_s"]:
+            c.log_metric(run_id, "train_tokens_per_s", info["train_tokens_per_s"])
+        c.log_artifact(run_id, str(tmp / "run.json"))
+        c.log_artifact(run_id, str(tmp / "frequencies.json"))

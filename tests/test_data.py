@@ -12,9 +12,10 @@ from tokenizers import Tokenizer
 
 from clex.config import DataConfig
 from clex.data import (
-    EOS, FixedWindows, TokenDataModule, TokenWindows, data_hash, load_documents, load_test_docs, load_tokens,
-    prepare, split_documents, stdlib_files,
+    EOS, FixedWindows, TokenWindows, data_hash, load_documents, load_test_docs, load_tokens, prepare, split_documents,
+    stdlib_files,
 )
+from clex.train import TokenDataModule
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 SOURCES = ["textwrap.py", "bisect.py", "shlex.py", "fnmatch.py", "glob.py", "copy.py", "heapq.py", "keyword.py",

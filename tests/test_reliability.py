@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import subprocess
+import sys
 import sysconfig
 from pathlib import Path
 
@@ -207,6 +209,19 @@ def test_dvc_reruns_prepare_when_a_local_corpus_file_changes(tmp_path):
     assert json.loads((study / "build/data/manifest.json").read_text())["corpus_sha256"] != before
 
 
+def _evaluation_code() -> list[str]:
+    """The clex files `clex evaluate` imports that compute (not config, paths, MLflow tags or file writes: those do
+    not change an eval JSON's numbers), as dvc.yaml names them; and no Lightning among its imports."""
+    code = ("import sys, clex.cli, clex.evaluate; print('lightning' in sys.modules); "
+            "print(*sorted(m for m in sys.modules if m.startswith('clex.')))")
+    lightning, modules = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                        check=True).stdout.splitlines()
+    assert lightning == "False"  # an evaluation does not pay for importing the trainer
+    files = {"clex/rope" if m.startswith("clex.rope") else m.replace(".", "/") + ".py" for m in modules.split()}
+    return sorted(files - {"clex/cli.py", "clex/config.py", "clex/layout.py", "clex/io.py", "clex/tracking.py",
+                           "clex/notebooks.py"})
+
+
 def test_stages_declare_the_code_and_params_they_read(tmp_path):
     """An evaluation runs the decoder, the encodings, the data readers and the checkpoint loader: a change there
     that leaves the fine-tuned weights bit-identical must rerun it; a report prints L, the base seed and the
@@ -219,7 +234,8 @@ def test_stages_declare_the_code_and_params_they_read(tmp_path):
     for name in ("evaluate_base", "evaluate", "evaluate_on_naive_ft", "evaluate_on_clex"):
         deps = s[name]["deps"]
         assert {"clex/evaluate.py", "clex/passkey.py", "clex/streaming.py", "clex/attention.py", "clex/model.py", "clex/rope", "clex/data.py",
-                "clex/train.py"} <= set(deps), name
+                "clex/checkpoint.py"} <= set(deps), name
+        assert set(_evaluation_code()) <= set(deps), name
     assert {"model.train_len", "pretrain.seed", "passkey.samples", "passkey.digits", "passkey.train_fraction",
             "passkey.depths"} <= set(s["ablations/discrete_vs_continuous"]["params"])
     assert "clex/pipeline.py" in s["validate"]["deps"]
