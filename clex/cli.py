@@ -102,12 +102,16 @@ def _generate(study: Study, args) -> None:
 
 
 def _report(study: Study, args) -> None:
-    from clex.report import build_report
+    from clex import tracking
+    from clex.report import build_report, comparison_experiment
 
     study.ablation(args.ablation)
     out = build_report(study, args.ablation)
     print((out / "table.md").read_text())
     print(f"report: {out}/table.md, plot: {out}/ppl_vs_length.png")
+    compare = comparison_experiment(args.ablation)
+    print(f"MLflow: experiment {compare}, in the UI (README, MLflow): http://127.0.0.1:5000/#/experiments/"
+          f"{tracking.experiment_id(study.root, compare)}/runs?workflowType=machine_learning&compareRunsMode=CHART")
 
 
 def _sweep(study: Study, args) -> None:

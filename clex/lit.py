@@ -132,7 +132,7 @@ class LitDecoder(L.LightningModule):
         if self.val_protocol is None:  # the training length: one chunk, the same under every protocol
             logits = self.model(x)
         else:
-            from clex.evaluate import forward_of  # evaluate imports this module (through clex.train)
+            from clex.evaluate import forward_of  # only a sweep trial's validation runs evaluation code
 
             logits = forward_of(self.model, self.val_protocol)(x)
         loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))

@@ -91,7 +91,9 @@ def _sweep_stage(study: Study, finetune: dict) -> dict:
         outs.append({f"build/sweeps/{cfg.name}.db": {"cache": False, "persist": True}})
     return {
         "cmd": "clex sweep",
-        "deps": [d.replace("${item.experiment}", cfg.experiment) for d in finetune["deps"]] + ["clex/sweep.py"],
+        # trials validate their windows the way evaluations score them (clex/evaluate.py)
+        "deps": [d.replace("${item.experiment}", cfg.experiment) for d in finetune["deps"]] + ["clex/sweep.py",
+                                                                                               "clex/evaluate.py"],
         "params": ["sweep"] + finetune["params"] + ["eval.batch_size", "eval.protocols"],
         "outs": outs,
         "metrics": [{f"{folder}/metrics.json": {"cache": False}}],

@@ -393,3 +393,46 @@ def _record(study: Study, name: str, folder: Path, df, protocols: list[str]) -> 
         c = tracking.client(root)
         for f in ("table.md", "ppl_vs_length.png", "metrics.json", "ppl_by_length.csv"):
             c.log_artifact(run_id, str(folder / f), artifact_path="report")
+        _comparison_runs(study, name, df, protocols, run_id)
+
+
+# ---------------------------------------------------------------------------- the MLflow UI's comparison view
+def comparison_experiment(ablation: str) -> str:
+    """The MLflow experiment that holds one ablation's comparison runs."""
+    return f"{tracking.MLFLOW_EXPERIMENT}/{ablation}"
+
+
+def comparison_metrics(df, experiment: str, protocols: list[str]) -> list[tuple[str, float, int]]:
+    """(key, value, step = length) of one experiment's comparison run, from the rows the tables average: `ppl`
+    (the primary protocol's test PPL, mean over seeds), `ppl_<protocol>` for every protocol, `ppl_seed<s>`
+    (primary, each seed), and the means of `val_ppl` and `passkey_acc` (primary)."""
+    rows = df[df.experiment == experiment]
+    out = []
+    for n, g in rows[rows.protocol == protocols[0]].groupby("length"):
+        out += [("ppl", g.ppl.mean(), n), ("val_ppl", g.val_ppl.mean(), n), ("passkey_acc", g.passkey_acc.mean(), n)]
+        out += [(f"ppl_seed{seed}", v, n) for seed, v in zip(g.seed, g.ppl)]
+    for q in protocols:
+        out += [(f"ppl_{q}", g.ppl.mean(), n) for n, g in rows[rows.protocol == q].groupby("length")]
+    return [(k, float(v), int(n)) for k, v, n in out]
+
+
+def _comparison_runs(study: Study, name: str, df, protocols: list[str], report_run: str) -> None:
+    """The ablation in the MLflow UI, one click from its experiment page: MLflow experiment `clex-study/<ablation>`
+    holds one top-level run per compared experiment (named after it, the base model included), whose metrics with
+    step = eval length are the report's curves (`comparison_metrics`), so the runs page's chart view draws PPL vs
+    length across the experiments without expanding any nested run. Each run names the evaluation runs it
+    averages (params `source_run.<protocol>/seed<s>`) and the report run (tag `report_run_id`). The previous
+    report's comparison runs are deleted (MLflow's soft delete: restorable; the evaluation runs hold the records)."""
+    root, stage = study.root, f"ablations/{name}"
+    experiment = comparison_experiment(name)
+    c = tracking.client(root)
+    for old in c.search_runs([tracking.experiment_id(root, experiment)], max_results=1000):
+        c.delete_run(old.info.run_id)
+    names = list(dict.fromkeys(df.experiment))
+    for exp in reversed(names):  # the runs page lists the newest first: the base model on top
+        rows = df[df.experiment == exp].drop_duplicates(["protocol", "seed"])
+        params = {f"source_run.{r.protocol}/seed{r.seed}": r.run_id for r in rows.itertuples()}
+        tags = tracking.run_tags(root, stage, "comparison", ablation=name, experiment=exp, report_run_id=report_run,
+                                 seeds=",".join(str(s) for s in sorted(set(rows.seed))), eval_protocol=protocols[0])
+        with tracking.open_run(root, exp, tags, params, experiment=experiment) as run_id:
+            tracking.log_metrics(c, run_id, comparison_metrics(df, exp, protocols))

@@ -163,14 +163,16 @@ def run_tags(root: Path, stage: str, role: str, parent: str | None = None, **tag
     return out
 
 
-def start_run(root: Path, name: str, tags: dict[str, str], params: dict | None = None) -> str:
-    """A new RUNNING run `name` of the study's experiment with `tags` and `params` (batched); returns its id. Like
-    `mlflow.start_run` and Lightning's MLFlowLogger it adds MLflow's context tags (mlflow.user, mlflow.source.*)."""
+def start_run(root: Path, name: str, tags: dict[str, str], params: dict | None = None,
+              experiment: str = MLFLOW_EXPERIMENT) -> str:
+    """A new RUNNING run `name` of MLflow experiment `experiment` (default: the study's) with `tags` and `params`
+    (batched); returns its id. Like `mlflow.start_run` and Lightning's MLFlowLogger it adds MLflow's context tags
+    (mlflow.user, mlflow.source.*)."""
     from mlflow.entities import Param
     from mlflow.tracking.context.registry import resolve_tags
 
     c = client(root)
-    run_id = c.create_run(experiment_id(root), run_name=name, tags=resolve_tags(tags)).info.run_id
+    run_id = c.create_run(experiment_id(root, experiment), run_name=name, tags=resolve_tags(tags)).info.run_id
     items = [Param(k, str(v)) for k, v in (params or {}).items()]
     for i in range(0, len(items), 100):  # MLflow's batch limit for params
         c.log_batch(run_id, params=items[i:i + 100])
@@ -178,9 +180,10 @@ def start_run(root: Path, name: str, tags: dict[str, str], params: dict | None =
 
 
 @contextmanager
-def open_run(root: Path, name: str, tags: dict[str, str], params: dict | None = None) -> Iterator[str]:
+def open_run(root: Path, name: str, tags: dict[str, str], params: dict | None = None,
+             experiment: str = MLFLOW_EXPERIMENT) -> Iterator[str]:
     """`start_run` for the length of a block: FINISHED when it ends, FAILED when it raises."""
-    run_id = start_run(root, name, tags, params)
+    run_id = start_run(root, name, tags, params, experiment)
     try:
         yield run_id
     except BaseException:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import tiny_params
+from conftest import run, tiny_params
 
 ABLATION = "discrete_vs_continuous"
 EXPERIMENTS = ("naive_ft", "clex", "clex_discrete")
@@ -245,3 +245,31 @@ def test_mlflow_server_serves_the_pipeline_runs(repro_study, mlflow_server):
 
     misnamed = {key: names for key, names in eval_artifacts.items() if f"eval/{key.split('/')[1]}.json" not in names}
     assert not misnamed, f"evaluation runs lack their eval/seed<s>.json record (logged under another name?): {misnamed}"
+
+
+def test_each_ablation_has_a_flat_comparison_experiment(repro_study, mlflow_server):
+    """The everyday comparison is one click away: experiment `clex-study/<ablation>` holds one top-level run per
+    compared experiment whose `ppl` history (step = length) is the mean over seeds of the eval records, and a
+    rerun of the report replaces those runs instead of adding a second set."""
+    study, _ = repro_study
+    server = mlflow_server
+    run(study, "clex", "report", ABLATION)  # a second report: its runs replace the first one's
+    exp = server.get("/api/2.0/mlflow/experiments/get-by-name", experiment_name=f"clex-study/{ABLATION}")["experiment"]
+    runs = [r for r in server.search_runs(exp["experiment_id"], "") if r["info"]["lifecycle_stage"] == "active"]
+    by_name = {_tags(r)["experiment"]: r for r in runs}
+    assert sorted(by_name) == sorted(("base",) + EXPERIMENTS) and len(runs) == len(by_name)  # one each
+    for name in EXPERIMENTS:
+        run_ = by_name[name]
+        tags = _tags(run_)
+        assert "mlflow.parentRunId" not in tags and run_["info"]["run_name"] == name  # top level: no row to expand
+        assert tags["role"] == "comparison" and tags["dvc_stage"] == f"ablations/{ABLATION}"
+        records = [json.loads((study / f"build/eval/{name}/seed{s}.json").read_text()) for s in SEEDS]
+        ppl = server.history(run_["info"]["run_id"], "ppl")
+        assert [s for s, _ in ppl] == LENGTHS
+        assert [v for _, v in ppl] == pytest.approx([sum(r["ppl"][str(n)] for r in records) / len(records)
+                                                     for n in LENGTHS], rel=1e-12)
+        for s, record in zip(SEEDS, records):
+            assert [v for _, v in server.history(run_["info"]["run_id"], f"ppl_seed{s}")] == \
+                pytest.approx([record["ppl"][str(n)] for n in LENGTHS], rel=1e-12)
+        params = {p["key"]: p["value"] for p in run_["data"].get("params", [])}
+        assert {params[f"source_run.{r['primary']}/seed{r['seed']}"] for r in records} == {r["run_id"] for r in records}
