@@ -101,10 +101,10 @@ def settings(study: Study) -> dict:
     with the trials' optimiser), the sweep's own keys, data, base checkpoint and objective protocol. A stored
     study with other settings is refused."""
     p = study.params
-    base = json.loads((study.root / "build" / "base" / "run.json").read_text())["checkpoint_sha256"]
+    base = json.loads((layout.base_dir(study.root) / "run.json").read_text())["checkpoint_sha256"]
     return {**study.finetune_inputs(p.sweep.experiment, trial_optim(study)),
             "sweep": p.sweep.model_dump(exclude={"trials", "storage", "workers"}),
-            "data_hash": data_hash(study.root / "build" / "data"), "base_checkpoint_sha256": base,
+            "data_hash": data_hash(layout.data_dir(study.root)), "base_checkpoint_sha256": base,
             "objective_protocol": p.eval.protocols[0]}
 
 
