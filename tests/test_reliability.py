@@ -218,8 +218,8 @@ def _evaluation_code() -> list[str]:
                                         check=True).stdout.splitlines()
     assert lightning == "False"  # an evaluation does not pay for importing the trainer
     files = {"clex/rope" if m.startswith("clex.rope") else m.replace(".", "/") + ".py" for m in modules.split()}
-    return sorted(files - {"clex/cli.py", "clex/config.py", "clex/layout.py", "clex/io.py", "clex/tracking.py",
-                           "clex/notebooks.py"})
+    return sorted(files - {"clex/cli.py", "clex/config.py", "clex/spec.py", "clex/layout.py", "clex/io.py",
+                           "clex/tracking.py", "clex/notebooks.py"})
 
 
 def test_stages_declare_the_code_and_params_they_read(tmp_path):
