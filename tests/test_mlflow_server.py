@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -247,15 +248,14 @@ def test_mlflow_server_serves_the_pipeline_runs(repro_study, mlflow_server):
     assert not misnamed, f"evaluation runs lack their eval/seed<s>.json record (logged under another name?): {misnamed}"
 
 
-def test_each_ablation_has_a_flat_comparison_experiment(repro_study, mlflow_server):
+def test_each_ablation_has_a_flat_comparison_experiment(repro_study, mlflow_server, tmp_path):
     """The everyday comparison is one click away: experiment `clex-study/<ablation>` holds one top-level run per
-    compared experiment whose `ppl` history (step = length) is the mean over seeds of the eval records, and a
-    rerun of the report replaces those runs instead of adding a second set."""
+    compared experiment whose `ppl` history (step = length) is the mean over seeds of the eval records; a rerun
+    of the report replaces those runs (on a copy of the study: the shared store keeps its one report run)."""
     study, _ = repro_study
     server = mlflow_server
-    run(study, "clex", "report", ABLATION)  # a second report: its runs replace the first one's
     exp = server.get("/api/2.0/mlflow/experiments/get-by-name", experiment_name=f"clex-study/{ABLATION}")["experiment"]
-    runs = [r for r in server.search_runs(exp["experiment_id"], "") if r["info"]["lifecycle_stage"] == "active"]
+    runs = server.search_runs(exp["experiment_id"], "")
     by_name = {_tags(r)["experiment"]: r for r in runs}
     assert sorted(by_name) == sorted(("base",) + EXPERIMENTS) and len(runs) == len(by_name)  # one each
     for name in EXPERIMENTS:
@@ -273,3 +273,16 @@ def test_each_ablation_has_a_flat_comparison_experiment(repro_study, mlflow_serv
                 pytest.approx([record["ppl"][str(n)] for n in LENGTHS], rel=1e-12)
         params = {p["key"]: p["value"] for p in run_["data"].get("params", [])}
         assert {params[f"source_run.{r['primary']}/seed{r['seed']}"] for r in records} == {r["run_id"] for r in records}
+
+    from mlflow import MlflowClient
+    from mlflow.entities import ViewType
+
+    copy = tmp_path / "copy"
+    shutil.copytree(study, copy, symlinks=True)
+    run(copy, "clex", "report", ABLATION)
+    c = MlflowClient(f"sqlite:///{copy / 'mlflow.db'}")
+    exp_id = c.get_experiment_by_name(f"clex-study/{ABLATION}").experiment_id
+    active = c.search_runs([exp_id])
+    assert sorted(r.data.tags["experiment"] for r in active) == sorted(("base",) + EXPERIMENTS)
+    assert not {r.info.run_id for r in active} & set(by_name[n]["info"]["run_id"] for n in by_name)  # new runs
+    assert len(c.search_runs([exp_id], run_view_type=ViewType.DELETED_ONLY)) == len(by_name)  # restorable
