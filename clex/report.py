@@ -393,7 +393,7 @@ def _record(study: Study, name: str, folder: Path, df, protocols: list[str]) -> 
         c = tracking.client(root)
         for f in ("table.md", "ppl_vs_length.png", "metrics.json", "ppl_by_length.csv"):
             c.log_artifact(run_id, str(folder / f), artifact_path="report")
-        _comparison_runs(study, name, df, protocols, run_id)
+        _comparison_runs(study, c, name, df, protocols, run_id)
 
 
 # ---------------------------------------------------------------------------- the MLflow UI's comparison view
@@ -416,16 +416,16 @@ def comparison_metrics(df, experiment: str, protocols: list[str]) -> list[tuple[
     return [(k, float(v), int(n)) for k, v, n in out]
 
 
-def _comparison_runs(study: Study, name: str, df, protocols: list[str], report_run: str) -> None:
+def _comparison_runs(study: Study, c, name: str, df, protocols: list[str], report_run: str) -> None:
     """The ablation in the MLflow UI, one click from its experiment page: MLflow experiment `clex-study/<ablation>`
     holds one top-level run per compared experiment (named after it, the base model included), whose metrics with
     step = eval length are the report's curves (`comparison_metrics`), so the runs page's chart view draws PPL vs
     length across the experiments without expanding any nested run. Each run names the evaluation runs it
     averages (params `source_run.<protocol>/seed<s>`) and the report run (tag `report_run_id`). The previous
-    report's comparison runs are deleted (MLflow's soft delete: restorable; the evaluation runs hold the records)."""
+    report's comparison runs are deleted (MLflow's soft delete: restorable; the evaluation runs hold the records).
+    `c`: the report's MlflowClient."""
     root, stage = study.root, f"ablations/{name}"
     experiment = comparison_experiment(name)
-    c = tracking.client(root)
     for old in c.search_runs([tracking.experiment_id(root, experiment)], max_results=1000):
         c.delete_run(old.info.run_id)
     names = list(dict.fromkeys(df.experiment))
