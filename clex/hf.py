@@ -39,7 +39,6 @@ refused; e.g. Qwen3 normalises keys after `k_proj`, so the captured keys would n
 """
 from __future__ import annotations
 
-import itertools
 import json
 import warnings
 from contextlib import contextmanager
@@ -54,7 +53,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from clex.config import Experiment, ParamsError, PositionSpec
 from clex.attention import CausalAttention, causal_mask
-from clex.model import Decoder, compute_dtype
+from clex.model import Decoder, _Fp32Child, compute_dtype
 from clex.rope import PositionEncoding, apply_rotary, build_position_encoding
 
 ARCHITECTURES = ("llama", "mistral", "qwen2")  # config.model_type values whose rotary and k_proj contract is tested
@@ -88,27 +87,6 @@ def hf_shape(config, train_len: int) -> HFShape:
                       f"the plain base rope_theta={rope['rope_theta']}", stacklevel=3)
     return HFShape(train_len, c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads or c.num_attention_heads,
                    head_dim, c.hidden_size, float(rope["rope_theta"]), c.vocab_size)
-
-
-def _keep_fp32(encoding: PositionEncoding, fn) -> None:
-    """Apply only the device part of a `Module._apply` function to `encoding`: it stays float32 under `.to(bf16)`,
-    `.half()` or Lightning's bf16-true cast (CLEX's network and θ tables are float32, docs/method.md §3.2)."""
-    tensor = next(itertools.chain(encoding.parameters(), encoding.buffers()), None)
-    device = torch.device("cpu") if tensor is None else tensor.device
-    encoding.to(fn(torch.empty(0, device=device)).device)
-
-
-class _Fp32Child(nn.Module):
-    """A module whose child `self._fp32` (the encoding) follows device moves but never dtype casts."""
-
-    _fp32: PositionEncoding
-
-    def _apply(self, fn, recurse: bool = True):
-        super()._apply(fn, recurse=False)  # own parameters and buffers (none here)
-        if recurse:
-            for child in self.children():
-                _keep_fp32(child, fn) if child is self._fp32 else child._apply(fn)
-        return self
 
 
 class RotaryAdapter(_Fp32Child):
