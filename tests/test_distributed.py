@@ -8,74 +8,26 @@ from one process's mean over the whole batch: gradients rtol 1e-5 / atol 1e-7 (f
 """
 from __future__ import annotations
 
-import os
-import socket
+import math
 
 import lightning as L
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
-import torch.nn.functional as F
-from lightning.pytorch.plugins.precision import FSDPPrecision
+from lightning.pytorch.plugins.precision import FSDPPrecision, HalfPrecision
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
-from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-from torch.distributed.fsdp import MixedPrecision, ShardingStrategy
+from torch.distributed.fsdp import ShardingStrategy
 from torch.utils.data import DataLoader
 
-from clex.config import FinetuneConfig, ModelConfig, TrainerConfig
-from clex.distributed import (
-    ENCODING_UNIT, apply_activation_checkpointing, decoder_layers, encoding_unit, fsdp_strategy, wrap_policy,
-)
+from clex.config import FinetuneConfig, TrainerConfig
+from clex.distributed import ENCODING_UNIT, apply_activation_checkpointing, decoder_layers, fsdp_strategy
 from clex.hf import from_decoder
-from clex.lit import LitDecoder, scale_and_positions
-from clex.model import Block, Decoder
-from clex.rope import ClexSpec, build_position_encoding
+from clex.lit import LitDecoder
+from clex.model import Decoder
 from clex.train import resolve_trainer
-from test_rope import randomise
-
-V = 50
-CFG = ModelConfig(d_model=32, n_layers=2, n_heads=2, d_ff=64, train_len=16)  # head dim 16
-CLEX = ClexSpec(type="clex", t_max=4)
-
-
-def clex_decoder(seed: int = 0) -> Decoder:
-    """A tiny Decoder with CLEX whose ODE weights are random (θ(t) really depends on them)."""
-    torch.manual_seed(seed)
-    rope = build_position_encoding(CLEX, head_dim=CFG.head_dim, base=CFG.rope_base, train_len=CFG.train_len)
-    model = Decoder(CFG, V, rope)
-    randomise(rope, seed, scale=0.3)
-    return model.train()
-
-
-def batch(seed: int = 1, size: int = 2) -> torch.Tensor:
-    return torch.randint(0, V, (size, CFG.train_len + 1), generator=torch.Generator().manual_seed(seed))
-
-
-def training_loss(model, x: torch.Tensor, forward=None, step: int = 3) -> torch.Tensor:
-    """Backward of the training loss at the (t, random positions) of `step` (t > 1 asserted) through `forward`
-    (default: the model itself); returns the loss."""
-    t, positions = scale_and_positions(model.rope, "random", CFG.train_len, seed=0, step=step)
-    assert t > 1
-    model.zero_grad()
-    logits = (forward or model)(x[:, :-1], positions=positions, t=t)
-    loss = F.cross_entropy(logits.float().reshape(-1, V), x[:, 1:].reshape(-1))
-    loss.backward()
-    return loss.detach()
-
-
-def loss_and_grads(model, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    loss = training_loss(model, x)
-    return loss, {n: p.grad.clone() for n, p in model.named_parameters()}
-
-
-def count_forwards(module: torch.nn.Module) -> list[int]:
-    """Calls of module's forward so far (a pre-hook: torch's recompute stops early, once it has what backward needs,
-    so a layer's last modules may not run again)."""
-    calls = [0]
-    module.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
-    return calls
-
+from distributed_helpers import (
+    CFG, CLEX, V, DrawRecorder, batch, clex_decoder, count_forwards, free_port, fsdp_worker, loss_and_grads,
+)
 
 # ------------------------------------------------------------------ activation checkpointing
 @pytest.mark.parametrize("source", ["decoder", "hf"])
@@ -137,38 +89,11 @@ def test_ddp_keeps_find_unused_parameters_for_a_learned_encoding():
 
 
 # ------------------------------------------------------------------ torch FSDP on CPU (gloo, 2 processes)
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _fsdp_worker(rank: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    results = {}
-    for precision in ("32-true", "bf16-mixed"):
-        model = clex_decoder()
-        mixed = FSDPPrecision(precision).mixed_precision_config if precision != "32-true" else None
-        wrapped = FSDP(model, auto_wrap_policy=wrap_policy(model), sharding_strategy=ShardingStrategy.FULL_SHARD,
-                       mixed_precision=mixed, use_orig_params=True, device_id=torch.device("cpu"))
-        seen = []  # the dtypes of the encoding's parameters while it computes (inside its FSDP unit)
-        model.rope.module.register_forward_pre_hook(lambda m, a: seen.extend(p.dtype for p in m.parameters()))
-        x = batch(size=4)[2 * rank: 2 * rank + 2]  # each rank its half of the batch
-        loss = training_loss(model, x, forward=wrapped)
-        with FSDP.summon_full_params(wrapped, with_grads=True):
-            grads = {n.replace("_fsdp_wrapped_module.", ""): p.grad.clone() for n, p in wrapped.named_parameters()}
-        theta = model.rope.inv_freq(3).detach()  # outside the forward: the NO_SHARD unit's weights are whole
-        results[precision] = dict(loss=loss, grads=grads, seen=seen, theta=theta)
-    torch.save(results, f"{out}/rank{rank}.pt")
-    dist.destroy_process_group()
-
-
 def test_fsdp_on_cpu_matches_one_process_and_keeps_the_encoding_fp32(tmp_path):
     """torch's FSDP with our wrap policy, 2 gloo processes on CPU, one training step of a tiny Decoder with CLEX:
     losses and averaged gradients equal the single-process ones (32-true); under Lightning's bf16 policy the
     encoding still computes with float32 weights, and θ(t) read outside the forward is the unwrapped model's."""
-    mp.spawn(_fsdp_worker, args=(free_port(), str(tmp_path)), nprocs=2)
+    mp.spawn(fsdp_worker, args=(free_port(), str(tmp_path)), nprocs=2)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
     reference = clex_decoder()
     halves = [loss_and_grads(reference, batch(size=4)[2 * r: 2 * r + 2]) for r in range(2)]
@@ -186,3 +111,57 @@ def test_fsdp_on_cpu_matches_one_process_and_keeps_the_encoding_fp32(tmp_path):
         assert torch.equal(ranks[0]["32-true"]["theta"], reference.rope.inv_freq(3))
     bf16 = ranks[0]["bf16-mixed"]
     assert torch.isfinite(bf16["loss"]) and bf16["loss"] != ranks[0]["32-true"]["loss"]  # the body did run in bf16
+
+
+# ------------------------------------------------------------------ Lightning: t on every rank, bf16-true on CPU
+def fit(lit: LitDecoder, steps: int, trainer_cfg: TrainerConfig, callbacks=(), accumulate: int = 1, batch_size: int = 4):
+    data = torch.randint(0, V, (64, CFG.train_len + 1), generator=torch.Generator().manual_seed(0))
+    kwargs = resolve_trainer(trainer_cfg, lit.model)
+    trainer = L.Trainer(**{**kwargs, "plugins": None}, max_steps=steps, accumulate_grad_batches=accumulate,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=list(callbacks))
+    trainer.fit(lit, DataLoader(data, batch_size=batch_size))
+    return trainer
+
+
+def test_ranks_draw_the_same_t_and_positions_and_end_with_equal_weights(tmp_path):
+    """2 CPU processes (ddp_spawn, gloo), accumulate 2: every (step, micro-batch) draws the same t and positions on
+    both ranks, without communication (clex.lit.step_generator), and both ranks end with the same weights."""
+    lit = LitDecoder(clex_decoder(), FinetuneConfig(steps=3, batch_size=4, lr=1e-3, accumulate=2), seed=5,
+                     position_sampling="random")
+    fit(lit, 3, TrainerConfig(accelerator="cpu", devices=2, strategy="ddp_spawn", precision="32-true"),
+        [DrawRecorder(str(tmp_path))], accumulate=2, batch_size=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    draws = [r["draws"] for r in ranks]
+    assert [(s, m) for s, m, _, _ in draws[0]] == [(s, m) for s in range(3) for m in range(2)]
+    assert len({t for _, _, t, _ in draws[0]}) > 1  # t varies over the micro-batches
+    for a, b in zip(*draws):
+        assert a[:3] == b[:3] and torch.equal(a[3], b[3])
+    first, second = (r["state"] for r in ranks)
+    start = clex_decoder().state_dict()
+    assert any(not torch.equal(first[k], start[k]) for k in first if k.startswith("rope."))  # the encoding trained
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+@pytest.mark.parametrize("source", ["decoder", "hf"])
+def test_bf16_true_on_cpu_trains_with_a_float32_encoding(source):
+    """Lightning's bf16-true casts the model to bf16; the encoding stays float32 (Decoder and HFDecoder alike) and
+    the losses stay finite."""
+    model = clex_decoder() if source == "decoder" else from_decoder(clex_decoder(), CLEX).train()
+    lit = LitDecoder(model, FinetuneConfig(steps=2, batch_size=4, lr=1e-3), seed=5, position_sampling="random")
+    losses = []
+
+    class Losses(L.Callback):
+        def on_train_batch_end(self, trainer, lit, outputs, batch, batch_idx):
+            losses.append(outputs["loss"].item())
+
+    fit(lit, 2, TrainerConfig(accelerator="cpu", precision="bf16-true"), [Losses()])
+    body = model.embed.weight if source == "decoder" else model.hf.model.embed_tokens.weight
+    assert body.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in model.rope.parameters()) and model.rope.base_inv_freq.dtype == torch.float32
+    assert len(losses) == 2 and all(map(math.isfinite, losses))
+    model.rope.train()  # no θ(t) cache (eval mode caches the table)
+    with torch.no_grad():  # bf16-true's forward makes bf16 the default dtype; θ(t) is still the float32 one
+        reference = model.rope.inv_freq(3)
+        with HalfPrecision("bf16-true").forward_context():
+            assert torch.equal(model.rope.inv_freq(3), reference)
