@@ -293,7 +293,8 @@ def train(study: Study, experiment: Experiment | None = None, seed: int | None =
     else:
         model = load_checkpoint(study, exp, layout.base_dir(study.root) / "model.pt")
         base_sha = json.loads((layout.base_dir(study.root) / "run.json").read_text())["checkpoint_sha256"]
-    rope_lr, step_scale = resolve_rope_lr(optim, model.rope)  # S from the weights at init
+    rope = model.rope  # the encoding itself: under FSDP, model.rope becomes its wrapper once training starts
+    rope_lr, step_scale = resolve_rope_lr(optim, rope)  # S from the weights at init
     dhash = data_hash(layout.data_dir(study.root))
     config_hash = (_config_hash(p.model_dump(), optim.model_dump(), exp.model_dump(), seed, dhash, base_sha)
                    if pretraining else finetune_hash(study, exp, optim, seed, dhash, base_sha))
@@ -357,8 +358,8 @@ def train(study: Study, experiment: Experiment | None = None, seed: int | None =
         warnings.filterwarnings("ignore", message=".*your dataloader is not resumable")
         trainer.fit(lit, dm, ckpt_path=str(last) if resuming else None)
     seconds = time.perf_counter() - started
-    if isinstance(model.rope, ContinuousClex):
-        _check_solver(study, model.rope, exp.rope.solver.max_rel_error, stage, logger, trainer, resume_dir)
+    if isinstance(rope, ContinuousClex):
+        _check_solver(study, rope, exp.rope.solver.max_rel_error, stage, logger, trainer, resume_dir)
     state = model_state_dict(trainer)  # every rank: under FSDP a collective that gives rank 0 the whole model
     if trainer.is_global_zero:
         tokens = optim.steps * trainer.world_size * optim.batch_size * seq_len
