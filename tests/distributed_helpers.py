@@ -72,17 +72,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def fsdp_worker(rank: int, port: int, out: str) -> None:
+def clex_model(source: str):
+    """`clex_decoder()`, or the same weights in an HFDecoder (a LlamaForCausalLM; transformers imported only here)."""
+    if source == "decoder":
+        return clex_decoder()
+    from clex.hf import from_decoder
+
+    return from_decoder(clex_decoder(), CLEX).train()
+
+
+def fsdp_worker(rank: int, port: int, out: str, source: str = "decoder") -> None:
+    """One training forward/backward of `clex_model(source)` under torch FSDP with our wrap policy, on this rank's
+    half of the batch, in 32-true and under Lightning's bf16-mixed FSDP policy; saves what the test compares."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     results = {}
     for precision in ("32-true", "bf16-mixed"):
-        model = clex_decoder()
+        model = clex_model(source)
         mixed = FSDPPrecision(precision).mixed_precision_config if precision != "32-true" else None
         wrapped = FSDP(model, auto_wrap_policy=wrap_policy(model), sharding_strategy=ShardingStrategy.FULL_SHARD,
                        mixed_precision=mixed, use_orig_params=True, device_id=torch.device("cpu"))
         seen = []  # the dtypes of the encoding's parameters while it computes (inside its FSDP unit)
-        model.rope.module.register_forward_pre_hook(lambda m, a: seen.extend(p.dtype for p in m.parameters()))
+        getattr(model.rope, "module", model.rope).register_forward_pre_hook(lambda m, a: seen.extend(p.dtype for p in m.parameters()))
         x = batch(size=4)[2 * rank: 2 * rank + 2]  # each rank its half of the batch
         loss = training_loss(model, x, forward=wrapped)
         with FSDP.summon_full_params(wrapped, with_grads=True):
@@ -91,7 +102,6 @@ def fsdp_worker(rank: int, port: int, out: str) -> None:
         results[precision] = dict(loss=loss, grads=grads, seen=seen, theta=theta)
     torch.save(results, f"{out}/rank{rank}.pt")
     dist.destroy_process_group()
-
 
 
 class DrawRecorder(L.Callback):

@@ -26,7 +26,7 @@ from clex.lit import LitDecoder
 from clex.model import Decoder
 from clex.train import resolve_trainer
 from distributed_helpers import (
-    CFG, CLEX, V, DrawRecorder, batch, clex_decoder, count_forwards, free_port, fsdp_worker, loss_and_grads,
+    CFG, CLEX, V, DrawRecorder, batch, clex_decoder, clex_model, count_forwards, free_port, fsdp_worker, loss_and_grads,
 )
 
 # ------------------------------------------------------------------ activation checkpointing
@@ -89,13 +89,15 @@ def test_ddp_keeps_find_unused_parameters_for_a_learned_encoding():
 
 
 # ------------------------------------------------------------------ torch FSDP on CPU (gloo, 2 processes)
-def test_fsdp_on_cpu_matches_one_process_and_keeps_the_encoding_fp32(tmp_path):
-    """torch's FSDP with our wrap policy, 2 gloo processes on CPU, one training step of a tiny Decoder with CLEX:
-    losses and averaged gradients equal the single-process ones (32-true); under Lightning's bf16 policy the
-    encoding still computes with float32 weights, and θ(t) read outside the forward is the unwrapped model's."""
-    mp.spawn(fsdp_worker, args=(free_port(), str(tmp_path)), nprocs=2)
+@pytest.mark.parametrize("source", ["decoder", pytest.param("hf", marks=pytest.mark.slow)])
+def test_fsdp_on_cpu_matches_one_process_and_keeps_the_encoding_fp32(tmp_path, source):
+    """torch's FSDP with our wrap policy, 2 gloo processes on CPU, one training step of a tiny Decoder with CLEX
+    (slow: the same in an HF LLaMA, ~50 s): losses and averaged gradients equal the single-process ones (32-true);
+    under Lightning's bf16 policy the encoding still computes with float32 weights, and θ(t) read outside the
+    forward is the unwrapped model's."""
+    mp.spawn(fsdp_worker, args=(free_port(), str(tmp_path), source), nprocs=2)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
-    reference = clex_decoder()
+    reference = clex_model(source)
     halves = [loss_and_grads(reference, batch(size=4)[2 * r: 2 * r + 2]) for r in range(2)]
     for r in range(2):
         assert torch.equal(ranks[r]["32-true"]["loss"], halves[r][0])
