@@ -11,8 +11,9 @@
   monitor, the solver check and `frequency_table`, reads real weights). Each FSDP flat parameter holds one dtype;
   the encoding's float32 parameters are alone in theirs.
 - `apply_activation_checkpointing(model, strategy)`: outside FSDP, our Decoder's flag, or HF's
-  `activation_checkpointing_enable` (transformers 5's name for `gradient_checkpointing_enable`; non-reentrant). Under FSDP the strategy's `activation_checkpointing_policy`
-  wraps the same layer classes instead, and this does nothing (no double wrapping).
+  `activation_checkpointing_enable` (transformers 5's name for `gradient_checkpointing_enable`; non-reentrant).
+  Under FSDP the strategy's `activation_checkpointing_policy` wraps the same layer classes instead, and this does
+  nothing (no double wrapping).
 - `fsdp_strategy(cfg, model)`: Lightning's FSDPStrategy so configured: FULL_SHARD, full state dicts (rank 0
   gets the whole model, `model_state_dict`).
 """

@@ -93,7 +93,8 @@ def fsdp_worker(rank: int, port: int, out: str, source: str = "decoder") -> None
         wrapped = FSDP(model, auto_wrap_policy=wrap_policy(model), sharding_strategy=ShardingStrategy.FULL_SHARD,
                        mixed_precision=mixed, use_orig_params=True, device_id=torch.device("cpu"))
         seen = []  # the dtypes of the encoding's parameters while it computes (inside its FSDP unit)
-        getattr(model.rope, "module", model.rope).register_forward_pre_hook(lambda m, a: seen.extend(p.dtype for p in m.parameters()))
+        encoding = getattr(model.rope, "module", model.rope)  # inside Decoder.rope's FSDP wrapper
+        encoding.register_forward_pre_hook(lambda m, a: seen.extend(p.dtype for p in m.parameters()))
         x = batch(size=4)[2 * rank: 2 * rank + 2]  # each rank its half of the batch
         loss = training_loss(model, x, forward=wrapped)
         with FSDP.summon_full_params(wrapped, with_grads=True):

@@ -32,8 +32,9 @@ from distributed_helpers import (
 # ------------------------------------------------------------------ activation checkpointing
 @pytest.mark.parametrize("source", ["decoder", "hf"])
 def test_activation_checkpointing_recomputes_each_layer_with_equal_loss_and_gradients(source):
-    make = (lambda: clex_decoder()) if source == "decoder" else (lambda: from_decoder(clex_decoder(), CLEX).train())
-    plain, checkpointed = make(), make()
+    """CLEX at t > 1 with random positions: every layer runs twice with checkpointing (forward, recompute in
+    backward), once without; loss and every gradient are bit-for-bit equal."""
+    plain, checkpointed = clex_model(source), clex_model(source)
     apply_activation_checkpointing(checkpointed, "auto")
     x = batch()
 
@@ -41,12 +42,13 @@ def test_activation_checkpointing_recomputes_each_layer_with_equal_loss_and_grad
         return [b.attn_norm for b in model.blocks] if source == "decoder" else [
             layer.input_layernorm for layer in model.hf.model.layers]
 
-    counts, counts_ckpt = [count_forwards(m) for m in first_norms(plain)], [count_forwards(m) for m in first_norms(checkpointed)]
+    counts = [count_forwards(m) for m in first_norms(plain)]
+    counts_ckpt = [count_forwards(m) for m in first_norms(checkpointed)]
     (loss, grads), (loss_c, grads_c) = loss_and_grads(plain, x), loss_and_grads(checkpointed, x)
     assert [c[0] for c in counts] == [1, 1] and [c[0] for c in counts_ckpt] == [2, 2]  # forward + recompute
     assert torch.equal(loss, loss_c)
     assert grads.keys() == grads_c.keys() and any(n.startswith("rope.") for n in grads)
-    assert all(torch.equal(grads[n], grads_c[n]) for n in grads), [n for n in grads if not torch.equal(grads[n], grads_c[n])]
+    assert [n for n in grads if not torch.equal(grads[n], grads_c[n])] == []
     with torch.no_grad():  # no recompute without grad, nor in eval
         checkpointed(x)
     checkpointed.eval()
@@ -72,7 +74,8 @@ def test_fsdp_strategy_wraps_layers_and_keeps_the_encoding_whole_and_fp32():
         decide = strategy.kwargs["auto_wrap_policy"]._lambda_fn
         units = {name: decide(m) for name, m in model.named_modules(remove_duplicate=False) if decide(m)}
         n = CFG.n_layers
-        layers = [f"blocks.{i}" for i in range(n)] if isinstance(model, Decoder) else [f"hf.model.layers.{i}" for i in range(n)]
+        prefix = "blocks" if isinstance(model, Decoder) else "hf.model.layers"
+        layers = [f"{prefix}.{i}" for i in range(n)]
         unit = "rope" if isinstance(model, Decoder) else "hf.model.rotary_emb"  # what the forward calls for cos/sin
         assert units == {**{name: True for name in layers}, unit: ENCODING_UNIT}
         assert ENCODING_UNIT == {"mixed_precision": None, "sharding_strategy": ShardingStrategy.NO_SHARD}
@@ -149,7 +152,7 @@ def test_ranks_draw_the_same_t_and_positions_and_end_with_equal_weights(tmp_path
 def test_bf16_true_on_cpu_trains_with_a_float32_encoding(source):
     """Lightning's bf16-true casts the model to bf16; the encoding stays float32 (Decoder and HFDecoder alike) and
     the losses stay finite."""
-    model = clex_decoder() if source == "decoder" else from_decoder(clex_decoder(), CLEX).train()
+    model = clex_model(source)
     lit = LitDecoder(model, FinetuneConfig(steps=2, batch_size=4, lr=1e-3), seed=5, position_sampling="random")
     losses = []
 
@@ -160,7 +163,8 @@ def test_bf16_true_on_cpu_trains_with_a_float32_encoding(source):
     fit(lit, 2, TrainerConfig(accelerator="cpu", precision="bf16-true"), [Losses()])
     body = model.embed.weight if source == "decoder" else model.hf.model.embed_tokens.weight
     assert body.dtype == torch.bfloat16
-    assert all(p.dtype == torch.float32 for p in model.rope.parameters()) and model.rope.base_inv_freq.dtype == torch.float32
+    assert all(p.dtype == torch.float32 for p in model.rope.parameters())
+    assert model.rope.base_inv_freq.dtype == torch.float32
     assert len(losses) == 2 and all(map(math.isfinite, losses))
     model.rope.train()  # no θ(t) cache (eval mode caches the table)
     with torch.no_grad():  # bf16-true's forward makes bf16 the default dtype; θ(t) is still the float32 one
