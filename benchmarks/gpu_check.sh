@@ -34,8 +34,8 @@ part() {  # part NAME SECONDS COMMAND...: run it under its timeout, record 'NAME
   echo "$name $rc $((SECONDS - start))" >> "$STATUS"
 }
 "$PY" -c "import clex.cli, clex.train, clex.data, mlflow" 2>/dev/null \
-  || echo "gpu_check: missing Python packages for part (d) (see benchmarks/gpu_wheels.sh):" \
-     "$("$PY" -c "import clex.cli, clex.train, clex.data, mlflow" 2>&1 | tail -1)"
+  || echo "gpu_check: a package is missing (every part imports clex.config: pydantic; part (d) also datasets and" \
+     "mlflow; carry them: benchmarks/gpu_wheels.sh): $("$PY" -c "import clex.cli, clex.train, clex.data, mlflow" 2>&1 | tail -1)"
 if [ "${1:-}" = --smoke ]; then
   part throughput "${T_THROUGHPUT:-300}" "$PY" benchmarks/gpu_throughput.py --smoke --json "$OUT/gpu_throughput.json"
   part profile "${T_PROFILE:-600}" "$PY" benchmarks/gpu_profile.py --steps 4 --timeout 540 \

@@ -48,7 +48,8 @@ def copy_repo(dest: Path) -> None:
 
 def clex(study: Path, *args: str, timeout: float) -> dict:
     """Run `python -m clex.cli <args>` in the study; its wall seconds, exit status and output tail."""
-    env = {**os.environ, "PYTHONPATH": str(study), "MLFLOW_TRACKING_URI": f"sqlite:///{study / 'mlflow.db'}",
+    path = os.pathsep.join(filter(None, [str(study), os.environ.get("PYTHONPATH")]))  # and carried wheels
+    env = {**os.environ, "PYTHONPATH": path, "MLFLOW_TRACKING_URI": f"sqlite:///{study / 'mlflow.db'}",
            "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "DVC_NO_ANALYTICS": "1", "PYTHONUNBUFFERED": "1"}
     start = time.perf_counter()
     try:
