@@ -37,7 +37,7 @@ def rows(s: dict) -> list[tuple[str, str]]:
     t = s.get("throughput")
     if t:
         sh = t["shape"]
-        what = f"{t['plain']['params'] / 1e6:.0f}M params, {sh['batch']}×{sh['seq_len']} tokens, {t['dtype']}"
+        what = f"{t['plain']['params'] / 1e6:.1f}M params, {sh['batch']}×{sh['seq_len']} tokens, {t['dtype']}"
         for name in ("plain", "clex"):
             r = t[name]
             out.append((f"{name} training tokens/s, MFU ({what})",
