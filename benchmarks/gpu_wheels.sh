@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Wheels for a bare GPU image that has torch, lightning, tokenizers, transformers, numpy, pandas, pyarrow and pyyaml
 # but not this project's other packages (none can be fetched there): run this on a machine with a network, from
-# the repo root; it puts them in .whl/ (git-ignored, about 40 MB), which benchmarks/gpu_check.sh installs into a
+# the repo root; it puts them in .whl/ (git-ignored, about 35 MB), which benchmarks/gpu_check.sh installs into a
 # temporary folder (--no-deps: exactly these). Versions are requirements.txt's resolved pins; Python 3.12 x86-64.
+# Checked 2026-11-30 on CPU: with only the GPU image's listed packages and these wheels (their Python 3.11 builds)
+# on the path, `clex prepare`, `clex pretrain` and `clex evaluate base` ran (a tiny profile); not yet on the GPU.
 #   bash benchmarks/gpu_wheels.sh [PYTHON_VERSION]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,9 +17,11 @@ PKGS=(
   pyasn1-modules==0.4.2 opentelemetry-api==1.45.2 opentelemetry-sdk==1.45.2 opentelemetry-proto==1.45.2
   opentelemetry-semantic-conventions==0.66b2 importlib-metadata==9.1.0 gitpython==3.2.1 gitdb==4.0.12 smmap==5.0.3
   python-dotenv==1.2.4 fastapi==0.165.0 starlette==1.10.0 graphene==3.4.3 graphql-core==3.2.14 graphql-relay==3.2.0
+  cryptography==50.0.2 cffi==2.1.1 pycparser==3.12                                                # mlflow's sqlite store
 )
 mkdir -p .whl
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version "$PYV" --implementation cp \
-  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+  --platform manylinux_2_34_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+  --platform manylinux2014_x86_64 \
   -d .whl "${PKGS[@]}"
 du -sh .whl
