@@ -8,6 +8,7 @@
 #                                         `clex evaluate base`: tokens/s, loss, the projected wall time of the profile
 #   (e)     benchmarks/gpu_summary.py     build/benchmarks/gpu.json and gpu.md (a table to paste into README.md)
 # Usage:  bash benchmarks/gpu_check.sh           (needs torch with CUDA; installs nothing but carried wheels)
+#         GPU_CHECK_COPY=$OUT bash benchmarks/gpu_check.sh   (also copies the result files into that folder)
 #         bash benchmarks/gpu_check.sh --smoke   (every part on CPU with tiny shapes, a few minutes: the tests' run)
 # Wheels in .whl/ (benchmarks/gpu_wheels.sh fetches what a bare GPU image lacks) are installed into a temporary
 # folder first. Timeouts (seconds) can be changed: T_THROUGHPUT, T_LONG_EVAL, T_PROFILE.
@@ -15,15 +16,15 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}   # PYTHON, else ./run's .venv, else python3 (a bare GPU image's)
 [ -z "${PYTHON:-}" ] && [ -x .venv/bin/python ] && PY=.venv/bin/python
-OUT=${GPU_CHECK_OUT:-build/benchmarks}   # where every JSON goes (the tests use a temporary folder)
-mkdir -p "$OUT"
-rm -f "$OUT"/gpu_throughput.json "$OUT"/long_eval.json "$OUT"/gpu_profile.json "$OUT"/gpu_smi.txt
+DIR=${GPU_CHECK_OUT:-build/benchmarks}   # where every JSON goes (the tests use a temporary folder)
+mkdir -p "$DIR"
+rm -f "$DIR"/gpu_throughput.json "$DIR"/long_eval.json "$DIR"/gpu_profile.json "$DIR"/gpu_smi.txt
 if ls .whl/*.whl >/dev/null 2>&1; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/clex-site .whl/*.whl \
     && export PYTHONPATH=/tmp/clex-site
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1
-STATUS=$OUT/gpu_check.status
+STATUS=$DIR/gpu_check.status
 : > "$STATUS"
 part() {  # part NAME SECONDS COMMAND...: run it under its timeout, record 'NAME exit-status seconds'
   local name=$1 limit=$2 start=$SECONDS rc
@@ -37,20 +38,25 @@ part() {  # part NAME SECONDS COMMAND...: run it under its timeout, record 'NAME
   || echo "gpu_check: a package is missing (every part imports clex.config: pydantic; part (d) also datasets and" \
      "mlflow; carry them: benchmarks/gpu_wheels.sh): $("$PY" -c "import clex.cli, clex.train, clex.data, mlflow" 2>&1 | tail -1)"
 if [ "${1:-}" = --smoke ]; then
-  part throughput "${T_THROUGHPUT:-300}" "$PY" benchmarks/gpu_throughput.py --smoke --json "$OUT/gpu_throughput.json"
+  part throughput "${T_THROUGHPUT:-300}" "$PY" benchmarks/gpu_throughput.py --smoke --json "$DIR/gpu_throughput.json"
   part profile "${T_PROFILE:-600}" "$PY" benchmarks/gpu_profile.py --steps 4 --timeout 540 \
-    --overlay tests/gpu_profile_smoke.yaml --workdir "$OUT/gpu_profile_study" --json "$OUT/gpu_profile.json"
+    --overlay tests/gpu_profile_smoke.yaml --workdir "$DIR/gpu_profile_study" --json "$DIR/gpu_profile.json"
 else
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | head -1 > "$OUT/gpu_smi.txt"
-  part throughput "${T_THROUGHPUT:-120}" "$PY" benchmarks/gpu_throughput.py --json "$OUT/gpu_throughput.json"
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | head -1 > "$DIR/gpu_smi.txt"
+  part throughput "${T_THROUGHPUT:-120}" "$PY" benchmarks/gpu_throughput.py --json "$DIR/gpu_throughput.json"
   if [ -f benchmarks/long_eval.py ]; then
-    part long_eval "${T_LONG_EVAL:-100}" "$PY" benchmarks/long_eval.py --device cuda --hf-shape tinyllama \
-      --encoding clex --dtype bf16 --max-len 65536 --out "$OUT/long_eval.json"
+    part long_eval "${T_LONG_EVAL:-90}" "$PY" benchmarks/long_eval.py --device cuda --hf-shape tinyllama \
+      --encoding clex --dtype bf16 --max-len 65536 --out "$DIR/long_eval.json"
   fi
-  ratio=$("$PY" -c "import json; print(json.load(open('$OUT/gpu_throughput.json'))['clex_over_plain_tokens_per_s']['ratio'])" \
+  ratio=$("$PY" -c "import json; print(json.load(open('$DIR/gpu_throughput.json'))['clex_over_plain_tokens_per_s']['ratio'])" \
           2>/dev/null || echo 1.0)
-  part profile "${T_PROFILE:-250}" "$PY" benchmarks/gpu_profile.py --steps 300 --clex-ratio "$ratio" \
-    --timeout "$(( ${T_PROFILE:-250} - 15 ))" --workdir "$OUT/gpu_profile_study" --json "$OUT/gpu_profile.json"
+  part profile "${T_PROFILE:-240}" "$PY" benchmarks/gpu_profile.py --steps 300 --clex-ratio "$ratio" \
+    --timeout "$(( ${T_PROFILE:-240} - 15 ))" --workdir "$DIR/gpu_profile_study" --json "$DIR/gpu_profile.json"
 fi
-"$PY" benchmarks/gpu_summary.py --dir "$OUT"
-echo "written: $OUT/gpu.json, $OUT/gpu.md"
+"$PY" benchmarks/gpu_summary.py --dir "$DIR"
+echo "written: $DIR/gpu.json, $DIR/gpu.md"
+if [ -n "${GPU_CHECK_COPY:-}" ]; then  # e.g. GPU_CHECK_COPY=$OUT on a lent machine: the results, not the study copy
+  cp "$DIR"/gpu.json "$DIR"/gpu.md "$DIR"/gpu_check.status "$GPU_CHECK_COPY"/
+  for f in gpu_throughput.json long_eval.json gpu_profile.json; do [ -f "$DIR/$f" ] && cp "$DIR/$f" "$GPU_CHECK_COPY"/; done
+fi
+awk '$2 != 0 {bad = 1} END {exit bad}' "$STATUS"   # exit 1 when a part failed or timed out (gpu.md names it)

@@ -140,17 +140,13 @@ def _pipeline(study: Study, args) -> int:
 
 
 def _profile(study: Study, args) -> None:
-    from clex.profile import BACK, apply, plan
+    from clex.profile import BACK, apply, describe, plan
 
     new, changed = apply(study.root, args.overlay, dry_run=args.dry_run)
     width = max((len(k) for k in changed), default=0)
     print("\n".join(f"  {k:<{width}}  {old!r} -> {value!r}" for k, (old, value) in changed.items()) or "  (no change)")
-    cost = plan(new, "discrete_vs_continuous") if "discrete_vs_continuous" in new.ablations else None
-    if cost:
-        print(f"discrete_vs_continuous: {cost['n_params'] / 1e6:.1f}M parameters, pretraining {cost['pretrain_tokens'] / 1e6:.1f}M "
-              f"tokens, {cost['finetunes']} fine-tunes ({cost['finetune_tokens'] / 1e6:.1f}M tokens), "
-              f"{cost['evaluations']} evaluations to {cost['max_eval_len']} tokens; {cost['train_flops'] / 1e15:.0f} PFLOP "
-              "of training")
+    if "discrete_vs_continuous" in new.ablations:
+        print(describe(plan(new, "discrete_vs_continuous")))
     if args.dry_run:
         print(f"valid; nothing written (--dry-run): {len(changed)} keys would change")
         return

@@ -138,6 +138,10 @@ def plan(study: Study, ablation: str) -> dict:
             "evaluations": 1 + seeds * len(ab.experiments), "max_eval_len": p.max_eval_len, "train_flops": flops}
 
 
-def train_minutes(plan_: dict, tflops: float) -> float:
-    """Minutes of training compute at a sustained `tflops` (e.g. 35 % MFU of a 989 TFLOP/s GPU: 346)."""
-    return plan_["train_flops"] / (tflops * 1e12) / 60
+def describe(plan_: dict) -> str:
+    """One line: what the ablation trains and evaluates."""
+    return (f"{plan_['ablation']}: {plan_['n_params'] / 1e6:.1f}M parameters, pretraining {plan_['pretrain_tokens'] / 1e6:.1f}M "
+            f"tokens, {plan_['finetunes']} fine-tunes ({plan_['finetune_tokens'] / 1e6:.1f}M tokens), "
+            f"{plan_['evaluations']} evaluations to {plan_['max_eval_len']} tokens; {plan_['train_flops'] / 1e15:.0f} PFLOP "
+            "of training")
+
