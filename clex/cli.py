@@ -139,6 +139,21 @@ def _pipeline(study: Study, args) -> int:
     return 0
 
 
+def _profile(study: Study, args) -> None:
+    from clex.profile import BACK, apply, describe, plan
+
+    new, changed = apply(study.root, args.overlay, dry_run=args.dry_run)
+    width = max((len(k) for k in changed), default=0)
+    print("\n".join(f"  {k:<{width}}  {old!r} -> {value!r}" for k, (old, value) in changed.items()) or "  (no change)")
+    if "discrete_vs_continuous" in new.ablations:
+        print(describe(plan(new, "discrete_vs_continuous")))
+    if args.dry_run:
+        print(f"valid; nothing written (--dry-run): {len(changed)} keys would change")
+        return
+    print(f"params.yaml and dvc.yaml now hold {args.overlay} ({len(changed)} keys changed); back to the default: "
+          f"`{BACK}`\nrun: dvc repro ablations/discrete_vs_continuous")
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="clex", description=__doc__.splitlines()[0])
     ap.add_argument("--root", default=os.environ.get("CLEX_ROOT", "."), help="study root (holds params.yaml)")
@@ -180,6 +195,10 @@ def parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("pipeline", help="write dvc.yaml's generated part (what DVC's templating cannot express)")
     pl.add_argument("--check", action="store_true", help="exit 1 if dvc.yaml's generated part is out of date")
     pl.set_defaults(func=_pipeline)
+    pr = sub.add_parser("profile", help="apply a params overlay (e.g. profiles/gpu.yaml) to params.yaml and dvc.yaml")
+    pr.add_argument("overlay", type=Path, help="YAML with params.yaml keys to change (only those)")
+    pr.add_argument("--dry-run", action="store_true", help="validate and print the changes; write nothing")
+    pr.set_defaults(func=_profile)
     return ap
 
 
