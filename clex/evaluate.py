@@ -7,7 +7,7 @@ validation split (validation PPL, the one to choose recipes by: never the test P
 
 Passkey retrieval (clex/passkey.py) runs at every eval length on the same examples for every model:
 teacher-forced digit accuracy and exact-match share, overall and per needle depth, with the forward of
-the primary protocol (the first of `eval.protocols`).
+the primary protocol (the first of `eval.protocols`), keeping only the logits at the answer rows (`rows_of`).
 
 Protocols (`eval.protocols`; each run's `eval_protocol` tag, printed in every report):
 - progressive (the official CLEX evaluation, docs/method.md §5 and §3.6): the windows of `nonoverlapping`, each
@@ -15,8 +15,9 @@ Protocols (`eval.protocols`; each run's `eval_protocol` tag, printed in every re
   (`clex.model.KVCache`). Before chunk j (0-based) runs, the context holds (j+1)·L tokens, so the chunk runs
   at t = inference_t((j+1)·L) (j+1 capped at t_max for CLEX, (j+1) for Dynamic NTK), every cached key is
   re-rotated with θ(t) at its own position, and the attention log scale and the streaming window follow
-  the same context length. A length-n PPL thus averages over t = 1..ceil(n/L). Every prediction is scored
-  once: the first token of chunk j is predicted by the last position of chunk j-1, at that chunk's t. The
+  the same context length. A length-n PPL thus averages over t = 1..ceil(n/L). Each chunk is scored as it
+  comes, through a cache sized for the window, so memory is bounded by the cache (docs/protocols.md, "Memory").
+  Every prediction is scored once: the first token of chunk j is predicted by the last position of chunk j-1, at that chunk's t. The
   official code drops that prediction (HF's shifted loss inside each chunk); `official` in the detail
   holds the PPL scored that way too.
 - nonoverlapping: each document is cut into consecutive windows of n tokens, each run in one forward at
