@@ -17,9 +17,9 @@ Protocols (`eval.protocols`; each run's `eval_protocol` tag, printed in every re
   re-rotated with θ(t) at its own position, and the attention log scale and the streaming window follow
   the same context length. A length-n PPL thus averages over t = 1..ceil(n/L). Each chunk is scored as it
   comes, through a cache sized for the window, so memory is bounded by the cache (docs/protocols.md, "Memory").
-  Every prediction is scored once: the first token of chunk j is predicted by the last position of chunk j-1, at that chunk's t. The
-  official code drops that prediction (HF's shifted loss inside each chunk); `official` in the detail
-  holds the PPL scored that way too.
+  Every prediction is scored once: the first token of chunk j is predicted by the last position of chunk j-1,
+  at that chunk's t. The official code drops that prediction (HF's shifted loss inside each chunk); `official`
+  in the detail holds the PPL scored that way too.
 - nonoverlapping: each document is cut into consecutive windows of n tokens, each run in one forward at
   t = ceil(n/L) (capped at t_max); every prediction inside a window is scored (the first token of a
   window has no context and is not predicted), including those with short context.
