@@ -55,7 +55,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     `q_scale` multiplies the queries (CLEX's attention log scaling), folded into the softmax scale.
     SDPA's `is_causal` aligns the mask top-left, so Tq < Tk gets `causal_lower_right` (flash-attn >= 2.1 aligns it
     bottom-right, as needed): on CUDA SDPA keeps its flash / memory-efficient kernels, with no (Tq, Tk) mask; on the
-    CPU torch builds that mask itself (the same numbers as an explicit one, tests/test_bounded_eval.py).
+    CPU torch builds a float (Tq, Tk) mask itself (the same numbers as an explicit one, tests/test_bounded_eval.py).
     """
     scale = q_scale / math.sqrt(q.shape[-1])
     if mask is not None:
