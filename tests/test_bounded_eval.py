@@ -1,6 +1,7 @@
 """Bounded-memory progressive evaluation (docs/protocols.md, "Memory"): chunk-by-chunk scoring, caches sized for the
 window and written in place, re-rotation in blocks, and the lower-right causal mask, each against the computation it
-replaced (full logits through a growing cache, an explicit mask), with exact equality on CPU float32.
+replaced (full logits through a growing cache, an explicit mask), with exact equality on CPU float32 (the CPU
+attends with the explicit mask; CUDA's `causal_lower_right` is checked against it here too).
 """
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import weakref
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 import clex.attention
 from clex.attention import attention, future
@@ -24,12 +26,6 @@ N = 5 * L + 3  # t = 1..4 (CLEX t_max 4), then capped, and a partial last chunk
 def model_for(name: str, hf: bool):
     ours = decoder(name)
     return from_decoder(ours, SPECS[name]).eval() if hf else ours
-
-
-@pytest.fixture
-def old_attention(monkeypatch):
-    """The attention of a chunk against the cache as it was: an explicit (Tq, Tk) boolean mask."""
-    monkeypatch.setattr(clex.attention, "causal_lower_right", lambda Tq, Tk: ~future(Tq, Tk, torch.device("cpu")))
 
 
 def old_perplexity(model, docs: torch.Tensor, length: int, protocol: str) -> tuple[float, int, float]:
@@ -49,7 +45,7 @@ def old_perplexity(model, docs: torch.Tensor, length: int, protocol: str) -> tup
 
 @pytest.mark.parametrize("hf", [False, True], ids=["decoder", "hf"])
 @pytest.mark.parametrize("name", NAMES)
-def test_chunked_scoring_equals_the_full_logit_computation(name, hf, old_attention):
+def test_chunked_scoring_equals_the_full_logit_computation(name, hf):
     model = model_for(name, hf)
     docs = tokens(2 * N, batch=2, seed=4)
     for protocol in ("progressive", "nonoverlapping"):
@@ -63,7 +59,7 @@ def test_chunked_scoring_equals_the_full_logit_computation(name, hf, old_attenti
 
 @pytest.mark.parametrize("hf", [False, True], ids=["decoder", "hf"])
 @pytest.mark.parametrize("name", ["clex", "dynamic_ntk", "alibi"])
-def test_sized_cache_and_block_rotation_give_the_growing_cache_logits(name, hf, old_attention, monkeypatch):
+def test_sized_cache_and_block_rotation_give_the_growing_cache_logits(name, hf, monkeypatch):
     """A cache sized for the window is allocated once (no growth, the same storage at every chunk); keys are
     re-rotated 3 rows at a time; the logits are those of a growing cache rotating all keys at once."""
     model, x = model_for(name, hf), tokens(N)
@@ -115,9 +111,13 @@ def test_token_nll_holds_one_chunk_of_logits():
 
 @pytest.mark.parametrize("Tq,Tk", [(1, 9), (5, 5), (5, 23), (16, 80)])
 def test_lower_right_causal_attention_equals_the_explicit_mask(Tq, Tk):
-    """SDPA with `causal_lower_right` (CUDA keeps its flash / memory-efficient kernels): on the CPU the same
-    numbers as the explicit mask, query i seeing keys 0..Tk-Tq+i."""
+    """SDPA with `causal_lower_right` (what CUDA uses, keeping its flash / memory-efficient kernels): on the CPU the
+    same numbers as the explicit mask (what the CPU uses), query i seeing keys 0..Tk-Tq+i."""
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 3, T, 8, generator=g) for T in (Tq, Tk, Tk))
-    want = F.scaled_dot_product_attention(q, k, v, attn_mask=~future(Tq, Tk, q.device), scale=0.7 / 8 ** 0.5)
-    assert torch.equal(attention(q, k, v, q_scale=0.7), want)
+    scale = 0.7 / 8 ** 0.5
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=~future(Tq, Tk, q.device), scale=scale)
+    lower_right = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(Tq, Tk), scale=scale)
+    assert torch.equal(lower_right, want) and torch.equal(attention(q, k, v, q_scale=0.7), want)
+    if Tq < Tk and Tq > 1:  # the mask really is lower-right: top-left would hide keys the last query sees
+        assert not torch.equal(F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale), want)
