@@ -10,7 +10,9 @@ and records the peak memory, the wall time and tokens/s per length, stopping at 
 (out of memory). Peak memory: on CUDA `torch.cuda.max_memory_allocated` after `reset_peak_memory_stats`, in this
 process; on the CPU the peak resident set (Linux VmHWM, reset just before the evaluation) of a fresh subprocess per
 length and path, run under an address-space limit (--cpu-mem-limit-gb) so that "does not fit" is an allocation
-error, not the machine's OOM killer. `eval MiB` is the peak above what the process held before the evaluation (the
+error, not the machine's OOM killer, and with glibc's MALLOC_MMAP_THRESHOLD_ fixed at 1 MiB, so that freed tensors
+leave the resident set (by default the per-chunk masks, a little larger at every chunk, fragment the heap and the
+peak RSS measures that rather than what is held: docs/protocols.md, "Memory"). `eval MiB` is the peak above what the process held before the evaluation (the
 model and the tokens); the ratio new/old is taken on it.
 
     python benchmarks/long_eval.py --device cuda --hf-shape tinyllama --encoding clex --dtype bf16 \\
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -130,7 +133,8 @@ def measure(model, vocab: int, n: int, path: str, args) -> dict:
 def child(args, n: int, path: str) -> dict:
     """`measure` in a fresh process (CPU peak RSS), under the address-space limit; a failed child reads as OOM."""
     cmd = [sys.executable, __file__, *sys.argv[1:], "--child", f"{path}:{n}"]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(2**20)}  # glibc: freed blocks >= 1 MiB go back to the system
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode:
         return {"oom": f"exit {proc.returncode}: {(proc.stderr.strip().splitlines() or [''])[-1][:200]}"}
     return json.loads(proc.stdout.strip().splitlines()[-1])

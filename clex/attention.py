@@ -53,11 +53,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
 
     `mask` (from `causal_mask`) is an additive float mask that already holds causality; it forces SDPA.
     `q_scale` multiplies the queries (CLEX's attention log scaling), folded into the softmax scale.
-    SDPA's `is_causal` aligns the mask top-left, so Tq < Tk needs a lower-right one (flash-attn >= 2.1 aligns it
-    bottom-right, as needed): on CUDA `causal_lower_right`, with which SDPA keeps its flash / memory-efficient
-    kernels and builds no (Tq, Tk) mask; on the CPU an explicit boolean mask (torch would build the same one from
-    `causal_lower_right`, and in torch 2.13 its resident memory then grew by about a mask per call: measured with
-    benchmarks/long_eval.py). Same numbers either way (tests/test_bounded_eval.py).
+    SDPA's `is_causal` aligns the mask top-left, so Tq < Tk gets `causal_lower_right` (flash-attn >= 2.1 aligns it
+    bottom-right, as needed): on CUDA SDPA then keeps its flash / memory-efficient kernels and builds no (Tq, Tk)
+    mask; on the CPU torch builds that mask itself. The same numbers as an explicit mask (tests/test_bounded_eval.py).
     """
     scale = q_scale / math.sqrt(q.shape[-1])
     if mask is not None:
@@ -70,8 +68,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
     if Tq == 1:  # one new token: it sees every key
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
-    mask = causal_lower_right(Tq, Tk) if q.is_cuda else ~future(Tq, Tk, q.device)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(Tq, Tk), scale=scale)
 
 
 def future(Tq: int, Tk: int, device: torch.device) -> torch.Tensor:

@@ -1,7 +1,6 @@
 """Bounded-memory progressive evaluation (docs/protocols.md, "Memory"): chunk-by-chunk scoring, caches sized for the
 window and written in place, re-rotation in blocks, and the lower-right causal mask, each against the computation it
-replaced (full logits through a growing cache, an explicit mask), with exact equality on CPU float32 (the CPU
-attends with the explicit mask; CUDA's `causal_lower_right` is checked against it here too).
+replaced (full logits through a growing cache, an explicit mask), with exact equality on CPU float32.
 """
 from __future__ import annotations
 
@@ -111,8 +110,8 @@ def test_token_nll_holds_one_chunk_of_logits():
 
 @pytest.mark.parametrize("Tq,Tk", [(1, 9), (5, 5), (5, 23), (16, 80)])
 def test_lower_right_causal_attention_equals_the_explicit_mask(Tq, Tk):
-    """SDPA with `causal_lower_right` (what CUDA uses, keeping its flash / memory-efficient kernels): on the CPU the
-    same numbers as the explicit mask (what the CPU uses), query i seeing keys 0..Tk-Tq+i."""
+    """SDPA with `causal_lower_right` (CUDA keeps its flash / memory-efficient kernels): on the CPU the same numbers
+    as the explicit mask, query i seeing keys 0..Tk-Tq+i."""
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 3, T, 8, generator=g) for T in (Tq, Tk, Tk))
     scale = 0.7 / 8 ** 0.5
