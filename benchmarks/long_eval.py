@@ -171,7 +171,7 @@ def main() -> None:
         return
     cuda = args.device.startswith("cuda")
     model = build_model(args) if cuda else None
-    probe = model or build_model(args)
+    probe = model if model is not None else build_model(args)
     L, vocab, params = probe.cfg.train_len, probe.vocab_size, parameter_count(probe)
     del probe
     lengths = [L * 2**k for k in range(64) if L * 2**k <= args.max_len]
