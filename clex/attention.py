@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Callable, ClassVar
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 from clex.rope import apply_rotary
 from clex.streaming import check_streaming, streaming_attention
@@ -42,6 +43,8 @@ try:  # optional GPU extra
 except ImportError:  # pragma: no cover - the CPU default
     flash_attn_func = None
 
+ROTATE_BLOCK = 4096  # cached keys (re-)rotated per step: the transient memory of a re-rotation is this many rows
+
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
               q_scale: float = 1.0) -> torch.Tensor:
@@ -50,8 +53,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
 
     `mask` (from `causal_mask`) is an additive float mask that already holds causality; it forces SDPA.
     `q_scale` multiplies the queries (CLEX's attention log scaling), folded into the softmax scale.
-    SDPA's `is_causal` aligns the mask top-left, so Tq < Tk gets an explicit one (flash-attn >= 2.1 aligns it
-    bottom-right, as needed).
+    SDPA's `is_causal` aligns the mask top-left, so Tq < Tk gets `causal_lower_right` (flash-attn >= 2.1 aligns it
+    bottom-right, as needed): on CUDA SDPA then keeps its flash / memory-efficient kernels and builds no (Tq, Tk)
+    mask; on the CPU torch builds that mask itself. The same numbers as an explicit mask (tests/test_bounded_eval.py).
     """
     scale = q_scale / math.sqrt(q.shape[-1])
     if mask is not None:
@@ -64,7 +68,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
     if Tq == 1:  # one new token: it sees every key
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=~future(Tq, Tk, q.device), scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(Tq, Tk), scale=scale)
 
 
 def future(Tq: int, Tk: int, device: torch.device) -> torch.Tensor:
@@ -136,16 +140,20 @@ class CausalAttention:
                kv: LayerCache | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """q and k rotated at their positions (unchanged without rotary tables): the queries with the tables'
         last rows, the keys from ctx.start on; with `kv`, those keys are written after the rotated keys the
-        cache keeps, and all n rotated keys are returned."""
+        cache keeps (`ROTATE_BLOCK` rows at a time, in place), and all n rotated keys are returned."""
         if ctx.cos is None:
             return q, k
         T = q.shape[-2]
         cos, sin = ctx.cos.to(q.dtype), ctx.sin.to(q.dtype)
         q = apply_rotary(q, cos[..., -T:, :], sin[..., -T:, :])
-        k = apply_rotary(k[..., ctx.start:, :], cos, sin)
-        if kv is not None:
-            k = kv.rotated.write(k, ctx.start)
-        return q, k
+        if kv is None:
+            return q, apply_rotary(k[..., ctx.start:, :], cos, sin)
+        start = ctx.start  # written into the cache's rotated keys in blocks: a re-rotation holds no second copy
+
+        def rotated(a: int, b: int) -> torch.Tensor:
+            return apply_rotary(k[..., a:b, :], cos[..., a - start:b - start, :], sin[..., a - start:b - start, :])
+
+        return q, kv.rotated.fill(start, k.shape[-2], k, rotated, ROTATE_BLOCK)
 
 
 @dataclass(frozen=True)

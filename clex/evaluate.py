@@ -7,7 +7,7 @@ validation split (validation PPL, the one to choose recipes by: never the test P
 
 Passkey retrieval (clex/passkey.py) runs at every eval length on the same examples for every model:
 teacher-forced digit accuracy and exact-match share, overall and per needle depth, with the forward of
-the primary protocol (the first of `eval.protocols`).
+the primary protocol (the first of `eval.protocols`), keeping only the logits at the answer rows (`rows_of`).
 
 Protocols (`eval.protocols`; each run's `eval_protocol` tag, printed in every report):
 - progressive (the official CLEX evaluation, docs/method.md §5 and §3.6): the windows of `nonoverlapping`, each
@@ -15,10 +15,11 @@ Protocols (`eval.protocols`; each run's `eval_protocol` tag, printed in every re
   (`clex.model.KVCache`). Before chunk j (0-based) runs, the context holds (j+1)·L tokens, so the chunk runs
   at t = inference_t((j+1)·L) (j+1 capped at t_max for CLEX, (j+1) for Dynamic NTK), every cached key is
   re-rotated with θ(t) at its own position, and the attention log scale and the streaming window follow
-  the same context length. A length-n PPL thus averages over t = 1..ceil(n/L). Every prediction is scored
-  once: the first token of chunk j is predicted by the last position of chunk j-1, at that chunk's t. The
-  official code drops that prediction (HF's shifted loss inside each chunk); `official` in the detail
-  holds the PPL scored that way too.
+  the same context length. A length-n PPL thus averages over t = 1..ceil(n/L). Each chunk is scored as it
+  comes, through a cache sized for the window, so memory is bounded by the cache (docs/protocols.md, "Memory").
+  Every prediction is scored once: the first token of chunk j is predicted by the last position of chunk j-1,
+  at that chunk's t. The official code drops that prediction (HF's shifted loss inside each chunk); `official`
+  in the detail holds the PPL scored that way too.
 - nonoverlapping: each document is cut into consecutive windows of n tokens, each run in one forward at
   t = ceil(n/L) (capped at t_max); every prediction inside a window is scored (the first token of a
   window has no context and is not predicted), including those with short context.
@@ -33,7 +34,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack
 from functools import partial
 from pathlib import Path
@@ -57,17 +58,64 @@ def windows(total: int, length: int, protocol: str, stride: int | None) -> list[
     return [(s, 0 if i == 0 else length - 1 - stride) for i, s in enumerate(starts)]
 
 
-def progressive_logits(model, tokens: torch.Tensor, chunk: int | None = None, cache=None) -> torch.Tensor:
-    """Logits (B, T, V) of (B, T) tokens fed in chunks of `chunk` (default L) tokens through `cache` (default:
-    a fresh `KVCache`; generation passes its own and continues from it)."""
+def logit_chunks(model, tokens: torch.Tensor, chunk: int | None = None, cache=None) -> Iterator[tuple[int, torch.Tensor]]:
+    """(start, logits (B, c, V) of tokens[:, start:start + c]) for (B, T) tokens fed in chunks of `chunk` (default L)
+    tokens through `cache` (default: a fresh cache sized for T tokens; generation passes its own and continues
+    from it). Only one chunk's logits exist at a time unless the caller keeps them."""
     chunk = chunk or model.cfg.train_len
-    cache = model.new_cache() if cache is None else cache
-    return torch.cat([model(tokens[:, s:s + chunk], cache=cache) for s in range(0, tokens.shape[1], chunk)], 1)
+    cache = model.new_cache(tokens.shape[1]) if cache is None else cache
+    for s in range(0, tokens.shape[1], chunk):
+        yield s, model(tokens[:, s:s + chunk], cache=cache)
+
+
+def progressive_logits(model, tokens: torch.Tensor, chunk: int | None = None, cache=None) -> torch.Tensor:
+    """Logits (B, T, V) of (B, T) tokens fed in chunks through a cache (`logit_chunks`); all of them at once."""
+    return torch.cat([logits for _, logits in logit_chunks(model, tokens, chunk, cache)], 1)
 
 
 def forward_of(model, protocol: str) -> Callable[[torch.Tensor], torch.Tensor]:
     """tokens -> logits as `protocol` runs the model: chunked through the cache, or one forward."""
     return partial(progressive_logits, model) if protocol == "progressive" else model
+
+
+def chunks_of(model, protocol: str) -> Callable[[torch.Tensor], Iterable[tuple[int, torch.Tensor]]]:
+    """tokens -> (start, logits) pieces as `protocol` runs the model: chunk by chunk through a cache sized for the
+    window (`logit_chunks`), or one piece, the one forward."""
+    if protocol == "progressive":
+        return partial(logit_chunks, model)
+    return lambda tokens: [(0, model(tokens))]
+
+
+def token_nll(pieces: Iterable[tuple[int, torch.Tensor]], tokens: torch.Tensor) -> torch.Tensor:
+    """Float32 NLL (B, T-1) of tokens 1..T-1 of (B, T) `tokens`, row i predicted by position i, from (start, logits)
+    pieces (`chunks_of`) scored one at a time: no more than one piece's logits are held. The numbers are those of
+    one cross-entropy over all logits (each row's log-softmax is its own)."""
+    losses = []
+    for s, logits in pieces:
+        target = tokens[:, s + 1:s + 1 + logits.shape[1]]  # the last position of the window predicts nothing
+        losses.append(F.cross_entropy(logits[:, :target.shape[1]].float().transpose(1, 2), target, reduction="none"))
+        del logits  # before the next piece is computed
+    return torch.cat(losses, 1)
+
+
+def rows_of(model, protocol: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """(tokens, rows) -> the logits at `rows` as `protocol` runs the model (`logits_at`): passkey scoring."""
+    pieces = chunks_of(model, protocol)
+    return lambda tokens, rows: logits_at(pieces(tokens), rows)
+
+
+def logits_at(pieces: Iterable[tuple[int, torch.Tensor]], rows: torch.Tensor) -> torch.Tensor:
+    """Logits (B, k, V) at positions `rows` (B, k) from (start, logits) pieces (`chunks_of`), each piece read as it
+    comes: passkey scoring reads only the answer positions."""
+    out = None
+    for s, logits in pieces:
+        if out is None:
+            out = logits.new_empty(*rows.shape, logits.shape[-1])
+        inside = (rows >= s) & (rows < s + logits.shape[1])
+        b, _ = inside.nonzero(as_tuple=True)
+        out[inside] = logits[b, rows[inside] - s]
+        del logits  # before the next piece is computed
+    return out
 
 
 @torch.inference_mode()
@@ -79,14 +127,13 @@ def perplexity(model, docs: torch.Tensor, length: int, cfg: EvalConfig, protocol
     """
     model.eval()
     device = next(model.parameters()).device
-    forward, L = forward_of(model, protocol), model.cfg.train_len
+    pieces, L = chunks_of(model, protocol), model.cfg.train_len
     items = [(d, s, first) for d in range(docs.shape[0]) for s, first in windows(docs.shape[1], length, protocol, cfg.stride)]
     nll, count, boundary_nll, boundary = 0.0, 0, 0.0, 0
     for i in range(0, len(items), cfg.batch_size):
         chunk = items[i:i + cfg.batch_size]
         batch = torch.stack([docs[d, s:s + length] for d, s, _ in chunk]).to(device).long()
-        logits = forward(batch)[:, :-1].float()  # the model sees all `length` tokens, as in the official eval
-        losses = F.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none")  # (B, length-1)
+        losses = token_nll(pieces(batch), batch)  # (B, length-1); the model sees all `length` tokens, as officially
         for row, (_, _, first) in zip(losses, chunk):
             nll += row[first:].double().sum().item()
             count += row.shape[0] - first
@@ -175,9 +222,9 @@ def evaluate(study: Study, experiment: str, seed: int | None = None) -> Path:
     primary = p.eval.protocols[0]
     scores = {protocol: {name: {n: perplexity(model, docs, n, p.eval, protocol) for n in p.eval.lengths}
                          for name, docs in sets.items()} for protocol in p.eval.protocols}
-    forward = forward_of(model, primary)
+    logits_at = rows_of(model, primary)
     passkey = {n: passkey_accuracy(model, *eval_set(fmt, test_docs, n, p.passkey.depths, p.passkey.samples,
-                                                    p.passkey.seed), p.passkey.depths, p.eval.batch_size, forward)
+                                                    p.passkey.seed), p.passkey.depths, p.eval.batch_size, logits_at)
                for n in p.eval.lengths}
     trained_by = "pretrain" if experiment == "base" else tracking.stage_name("finetune", study.checkpoint_of(experiment), seed)
     check_finite(scores, passkey, model, src / "model.pt", stage, exp.name, seed, primary, trained_by)

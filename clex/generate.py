@@ -21,7 +21,7 @@ from clex import layout, tracking
 from clex.checkpoint import checkpoint_source, load_checkpoint
 from clex.config import ParamsError, Study
 from clex.data import load_test_docs
-from clex.evaluate import progressive_logits
+from clex.evaluate import logit_chunks
 from clex.io import atomic_write_text
 from clex.model import Decoder, KVCache
 
@@ -40,11 +40,14 @@ def pick(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = Non
 
 @torch.inference_mode()
 def prefill(model: Decoder, prompt: torch.Tensor) -> tuple[KVCache, torch.Tensor]:
-    """A (P,) prompt, P >= 1, fed in chunks of L through a fresh cache: the cache and the last position's logits."""
+    """A (P,) prompt, P >= 1, fed in chunks of L through a fresh cache: the cache and the last position's logits
+    (only the last chunk's logits are kept)."""
     model.eval()
     cache = model.new_cache()
     device = next(model.parameters()).device
-    return cache, progressive_logits(model, prompt.view(1, -1).to(device), cache=cache)[0, -1]
+    for _, logits in logit_chunks(model, prompt.view(1, -1).to(device), cache=cache):
+        last = logits[0, -1]
+    return cache, last
 
 
 @torch.inference_mode()

@@ -51,9 +51,10 @@ from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicLayer
 
+import clex.attention
 from clex.config import Experiment, ParamsError, PositionSpec
 from clex.attention import CausalAttention, causal_mask
-from clex.model import Decoder, _Fp32Child, compute_dtype
+from clex.model import Decoder, Rows, _Fp32Child, compute_dtype
 from clex.rope import PositionEncoding, apply_rotary, build_position_encoding
 
 ARCHITECTURES = ("llama", "mistral", "qwen2")  # config.model_type values whose rotary and k_proj contract is tested
@@ -134,36 +135,43 @@ class RotaryAdapter(_Fp32Child):
 
 class RerotatingLayer(DynamicLayer):
     """One layer of `RerotatingCache`: `keys` holds the keys rotated with the cache's current (t, θ(t)), `raw` the
-    un-rotated ones (as `k_proj` computed them), `values` the values. `rotated_with` is the (t, θ(t)) of `keys`."""
+    un-rotated ones (as `k_proj` computed them), `values` the values; each is a view of rows (`clex.model.Rows`)
+    allocated for the cache's capacity and written in place. `rotated_with` is the (t, θ(t)) of `keys`."""
 
     def __init__(self, cache: RerotatingCache, index: int):
         super().__init__()
         self.cache, self.index = cache, index
-        self.raw: Tensor | None = None
+        self.rows = {name: Rows(cache.capacity) for name in ("raw", "keys", "values")}
         self.rotated_with: tuple[float, Tensor] | None = None
+
+    @property
+    def raw(self) -> Tensor | None:
+        return self.rows["raw"].view()
 
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
         raw = self.cache.take_raw(self.index, key_states)
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-            self.raw = raw[..., :0, :]
-        start = self.raw.shape[-2]
-        self.raw = torch.cat([self.raw, raw], dim=-2)
-        self.values = torch.cat([self.values, value_states], dim=-2)
+        start = self.rows["raw"].length
+        raw = self.rows["raw"].write(raw, start)
+        self.values = self.rows["values"].write(value_states, start)
         current = self.cache.current
         last = self.rotated_with
         if last is not None and last[0] == current[0] and (last[1] is current[1] or torch.equal(last[1], current[1])):
-            self.keys = torch.cat([self.keys, key_states], dim=-2)  # rotated by HF with the same θ(t)
-        else:
-            cos, sin = self.cache.tables(self.raw.shape[-2])
-            self.keys = apply_rotary(self.raw, cos, sin)
+            self.keys = self.rows["keys"].write(key_states, start)  # rotated by HF with the same θ(t)
+        else:  # every key rotated anew, ROTATE_BLOCK rows at a time straight into place
+            n = raw.shape[-2]
+            cos, sin = self.cache.tables(n)
+            self.keys = self.rows["keys"].fill(0, n, key_states, lambda a, b: apply_rotary(
+                raw[..., a:b, :], cos[..., a:b, :], sin[..., a:b, :]), clex.attention.ROTATE_BLOCK)
             self.rotated_with = current
             if self.index == 0 and start:
                 self.cache.rerotations += 1
         return self.keys, self.values
 
     def reset(self) -> None:
-        self.raw, self.rotated_with = None, None
+        self.rows = {name: Rows(self.cache.capacity) for name in self.rows}
+        self.rotated_with = None
         super().reset()
 
     def _unsupported(self, *args, **kwargs):
@@ -177,10 +185,12 @@ class RerotatingCache(Cache):
     `clex.model.KVCache` (docs/method.md §3.6): what the progressive protocol and `clex generate` need.
 
     Feed it through `HFDecoder.forward(tokens, cache=cache)`, which turns on the capture of the un-rotated keys.
-    `length` (tokens so far) and `rerotations` (forwards that re-rotated the cached keys) as in KVCache.
+    `length` (tokens so far), `rerotations` (forwards that re-rotated the cached keys) and `capacity` (tokens
+    allocated per layer at the first forward, written in place; 0: grown as needed) as in KVCache.
     """
 
-    def __init__(self, n_layers: int):
+    def __init__(self, n_layers: int, capacity: int = 0):
+        self.capacity = capacity
         super().__init__(layers=[RerotatingLayer(self, i) for i in range(n_layers)])
         self.pending: dict[int, Tensor] = {}
         self.rerotations = 0
@@ -272,8 +282,9 @@ class HFDecoder(_Fp32Child):
         """The inference t for a context of n tokens (docs/method.md §3.6)."""
         return self.rope.inference_t(n)
 
-    def new_cache(self) -> RerotatingCache:
-        return RerotatingCache(self.cfg.n_layers)
+    def new_cache(self, capacity: int = 0) -> RerotatingCache:
+        """A RerotatingCache sized for `capacity` tokens (0: it grows as needed)."""
+        return RerotatingCache(self.cfg.n_layers, capacity)
 
     def forward(self, tokens: Tensor, positions: Tensor | None = None, t: float | None = None,
                 cache: RerotatingCache | None = None) -> Tensor:

@@ -59,25 +59,36 @@ class _Fp32Child(nn.Module):
 
 
 class Rows:
-    """A growing (B, H, n, D) tensor: rows are written at any start <= n, capacity doubles as needed."""
+    """A (B, H, n, D) tensor written in order: rows are written at any start <= n. `capacity` (rows) is
+    allocated at the first write, so a cache sized for the length about to be evaluated never grows; past it,
+    the capacity doubles (one copy of the rows kept)."""
 
-    def __init__(self):
+    def __init__(self, capacity: int = 0):
         self.data: torch.Tensor | None = None
         self.length = 0
+        self.capacity = capacity
 
-    def write(self, x: torch.Tensor, start: int) -> torch.Tensor:
-        """Store x as rows start.. (dropping rows after them) and return rows 0..end-1 (a view)."""
+    def fill(self, start: int, end: int, like: torch.Tensor, rows, block: int | None = None) -> torch.Tensor:
+        """Store rows start..end-1 (dropping rows after them), `block` rows at a time (default: all at once),
+        each block computed by `rows(a, b)` straight into place; `like` gives batch, heads, D, dtype and device.
+        Returns rows 0..end-1 (a view)."""
         if not 0 <= start <= self.length:
             raise ValueError(f"start: {start}; allowed: 0..{self.length} (rows are written in order)")
-        end = start + x.shape[-2]
         if self.data is None or end > self.data.shape[-2]:
-            grown = x.new_empty(*x.shape[:-2], max(end, 2 * self.length), x.shape[-1])
+            grown = like.new_empty(*like.shape[:-2], max(end, 2 * self.length, self.capacity), like.shape[-1])
             if self.data is not None:
                 grown[..., :start, :] = self.data[..., :start, :]
             self.data = grown
-        self.data[..., start:end, :] = x
+        step = block or max(end - start, 1)
+        for a in range(start, end, step):
+            b = min(a + step, end)
+            self.data[..., a:b, :] = rows(a, b)
         self.length = end
         return self.data[..., :end, :]
+
+    def write(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        """Store x as rows start.. (dropping rows after them) and return rows 0..end-1 (a view)."""
+        return self.fill(start, start + x.shape[-2], x, lambda a, b: x[..., a - start:b - start, :])
 
     def view(self) -> torch.Tensor | None:
         return None if self.data is None else self.data[..., :self.length, :]
@@ -85,11 +96,16 @@ class Rows:
 
 @dataclass
 class LayerCache:
-    """One layer's keys and values, un-rotated as computed, and its keys rotated with `KVCache.rotated_with`."""
+    """One layer's keys and values, un-rotated as computed, and its keys rotated with `KVCache.rotated_with`;
+    each `capacity` rows allocated at its first write."""
 
-    keys: Rows = field(default_factory=Rows)
-    values: Rows = field(default_factory=Rows)
-    rotated: Rows = field(default_factory=Rows)
+    capacity: int = 0
+    keys: Rows = field(init=False)
+    values: Rows = field(init=False)
+    rotated: Rows = field(init=False)
+
+    def __post_init__(self):
+        self.keys, self.values, self.rotated = Rows(self.capacity), Rows(self.capacity), Rows(self.capacity)
 
 
 class KVCache:
@@ -97,10 +113,12 @@ class KVCache:
 
     `rotated_with` is the (t, θ(t)) the layers' rotated keys were rotated with; a forward whose (t, θ(t))
     differs re-rotates every cached key (counted in `rerotations`), else rotates only its new keys.
+    `capacity`: the tokens it will hold (e.g. the length about to be evaluated), allocated per layer at the first
+    forward and written in place; beyond it (or with 0) the rows grow by doubling.
     """
 
-    def __init__(self, n_layers: int):
-        self.layers = [LayerCache() for _ in range(n_layers)]
+    def __init__(self, n_layers: int, capacity: int = 0):
+        self.layers = [LayerCache(capacity) for _ in range(n_layers)]
         self.length = 0
         self.rotated_with: tuple[float, torch.Tensor] | None = None
         self.rerotations = 0
@@ -215,8 +233,9 @@ class Decoder(_Fp32Child):
         (n, or the streaming cache's length min(n, window + sinks))."""
         return self.rope.inference_t(self.attention.context_len(n))
 
-    def new_cache(self) -> KVCache:
-        return KVCache(len(self.blocks))
+    def new_cache(self, capacity: int = 0) -> KVCache:
+        """A KVCache sized for `capacity` tokens (0: it grows as needed)."""
+        return KVCache(len(self.blocks), capacity)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, t: float | None = None,
                 cache: KVCache | None = None) -> torch.Tensor:

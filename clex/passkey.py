@@ -144,16 +144,18 @@ def eval_set(fmt: PasskeyFormat, docs: np.ndarray, length: int, depths: list[flo
 
 
 def passkey_accuracy(model: torch.nn.Module, tokens: torch.Tensor, answer_pos: torch.Tensor, depth_idx: torch.Tensor,
-                     depths: list[float], batch_size: int, forward: Callable | None = None) -> dict:
+                     depths: list[float], batch_size: int, logits_at: Callable | None = None) -> dict:
     """Teacher-forced accuracy: the argmax at answer_pos - 1 must be the token at answer_pos.
 
-    `forward` (tokens -> logits; default `model`) is how the evaluation protocol runs the model, e.g. in
-    chunks through a KV cache (`clex.evaluate.forward_of`).
+    `logits_at` ((B, T) tokens, (B, k) rows -> logits (B, k, V) at those rows; default: one forward of `model`) is
+    how the evaluation protocol runs the model, e.g. in chunks through a KV cache, keeping only the rows asked for
+    (`clex.evaluate.rows_of`).
 
     {"digit_acc": mean over all digits, "exact": share of examples with every digit right,
      "by_depth": {str(depth): {"digit_acc", "exact"}}}.
     """
     device = next(iter(model.parameters()), torch.empty(0)).device
+    logits_at = logits_at or (lambda x, rows: model(x)[torch.arange(len(x), device=x.device)[:, None], rows])
     was_training = model.training
     model.eval()
     correct = []
@@ -161,9 +163,7 @@ def passkey_accuracy(model: torch.nn.Module, tokens: torch.Tensor, answer_pos: t
         with torch.inference_mode():
             for i in range(0, len(tokens), batch_size):
                 batch, pos = tokens[i:i + batch_size].to(device), answer_pos[i:i + batch_size].to(device)
-                logits = (forward or model)(batch)
-                rows = torch.arange(len(batch), device=device)[:, None]
-                pred = logits[rows, pos - 1].argmax(-1)
+                pred = logits_at(batch, pos - 1).argmax(-1)
                 correct.append((pred == batch.gather(1, pos)).cpu())
     finally:
         model.train(was_training)

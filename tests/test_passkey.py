@@ -150,10 +150,16 @@ def test_passkey_accuracy(fmt, stream, tok):
     first_only = passkey_accuracy(first, tokens, pos, depth_idx, depths, batch_size=7)
     assert first_only["digit_acc"] == pytest.approx(1 / DIGITS) and first_only["exact"] == 0.0
     assert all(v["digit_acc"] == pytest.approx(1 / DIGITS) for v in first_only["by_depth"].values())
-    # `forward` is how the protocol runs the model (e.g. chunked through a KV cache): it decides the logits
-    via_forward = passkey_accuracy(NextTokenModel(vocab, fmt.digit_ids), tokens, pos, depth_idx, depths, 4,
-                                   forward=NextTokenModel(vocab, fmt.digit_ids, wrong_from=0))
-    assert via_forward["digit_acc"] == 0.0
+    # `logits_at` is how the protocol runs the model (e.g. chunked through a KV cache): it decides the logits
+    wrong_model, asked = NextTokenModel(vocab, fmt.digit_ids, wrong_from=0), []
+
+    def logits_at(x, rows):
+        asked.append(rows)
+        return wrong_model(x)[torch.arange(len(x))[:, None], rows]
+
+    via_protocol = passkey_accuracy(NextTokenModel(vocab, fmt.digit_ids), tokens, pos, depth_idx, depths, 4, logits_at)
+    assert via_protocol["digit_acc"] == 0.0
+    assert torch.equal(torch.cat(asked), pos - 1)  # only the rows that predict the answer digits
 
 
 def test_passkey_mix(fmt, stream):
