@@ -52,12 +52,12 @@ from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicLayer
 
-from clex.config import Experiment, ParamsError, PositionSpec
+from clex.config import HF_ARCHITECTURES, Experiment, ParamsError, PositionSpec, hf_refusal
 from clex.attention import CausalAttention, causal_mask
 from clex.model import Decoder, compute_dtype
 from clex.rope import PositionEncoding, apply_rotary, build_position_encoding
 
-ARCHITECTURES = ("llama", "mistral", "qwen2")  # config.model_type values whose rotary and k_proj contract is tested
+ARCHITECTURES = HF_ARCHITECTURES  # config.model_type values whose rotary and k_proj contract is tested
 ROPE_SPEC, ROPE_WEIGHTS = "clex_rope.json", "clex_rope.pt"
 FORMAT = 1
 FLOAT_MASK_ATTENTION = ("sdpa", "eager")  # implementations that take an additive float mask (bias encodings)
@@ -340,6 +340,17 @@ class HFDecoder(_Fp32Child):
 
 
 # ---------------------------------------------------------------------------- building and loading
+def checkpoint_dir(model_cfg, root: Path | str = ".") -> Path:
+    """The local folder of the study's checkpoint (`model.path`): a local folder (relative to the study root), or
+    for a hub id its snapshot in the Hugging Face cache (downloaded on first use; cached after, also offline)."""
+    local = model_cfg.local_path(root)
+    if local is not None:
+        return local
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(model_cfg.path))
+
+
 def _from_pretrained(path: str | Path, dtype: torch.dtype | None, attn_implementation: str) -> PreTrainedModel:
     return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype or torch.float32,
                                                 attn_implementation=attn_implementation)
@@ -356,12 +367,9 @@ def build_hf_model(params, experiment: Experiment, *, path: str | Path | None = 
     path = path or getattr(model_cfg, "path", None)
     if not path:
         raise ParamsError("model.path: required for a Hugging Face model (a local checkpoint folder or a hub id)")
-    if experiment.attn_log_scale:
-        raise ParamsError(f"experiments/{experiment.name}.yaml: attn_log_scale: true; allowed with a Hugging Face "
-                          "model: false (HF attention takes no query scale)")
-    if experiment.streaming is not None:
-        raise ParamsError(f"experiments/{experiment.name}.yaml: streaming: is not supported with a Hugging Face model; "
-                          "allowed: no streaming key")
+    why = hf_refusal(experiment, attn_implementation)
+    if why:
+        raise ParamsError(f"experiments/{experiment.name}.yaml: {why}")
     return HFDecoder(_from_pretrained(path, dtype, attn_implementation), experiment.rope, model_cfg.train_len)
 
 
