@@ -47,8 +47,9 @@ def attn_implementation(study: Study, experiment: Experiment) -> str:
 def _hf_model(study: Study, experiment: Experiment, path: Path):
     from clex.hf import build_hf_model
 
-    return build_hf_model(study.params, experiment, path=path, dtype=body_dtype(study),
-                          attn_implementation=attn_implementation(study, experiment))
+    model = build_hf_model(study.params, experiment, path=path, dtype=body_dtype(study),
+                           attn_implementation=attn_implementation(study, experiment))
+    return model.train()  # from_pretrained returns eval mode; a new Decoder is in train mode (evaluation sets eval)
 
 
 def build_model(study: Study, experiment: Experiment):
