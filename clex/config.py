@@ -735,7 +735,9 @@ def _finetune_config(base: FinetuneConfig, exp: Experiment) -> FinetuneConfig:
 
 
 def load_study(root: Path | str = ".", params_file: str = "params.yaml") -> Study:
-    """Read and cross-validate params.yaml, experiments/*.yaml and ablations/*/ablation.yaml."""
+    """Read and cross-validate params.yaml, experiments/*.yaml and ablations/*/ablation.yaml. With
+    `model.source: hf`, experiments a Hugging Face model cannot run (`hf_refusal`) may not be listed in
+    `experiments` or `reuse_experiments`, and ablations that compare one are left out of the study."""
     root = Path(root).resolve()
     params = _validate(Params, _read_yaml(root / params_file), params_file, {"root": root})
     corpus = params.data.tracked_corpus(root)
