@@ -253,6 +253,7 @@ class TrainerConfig(Strict):
     val_batches: int = Field(8, ge=1)
     log_every_n_steps: int = Field(10, ge=1)
     num_workers: int = Field(0, ge=0)
+    activation_checkpointing: bool = False  # recompute each decoder layer's activations in backward (clex/distributed.py)
 
     @field_validator("devices", mode="before")
     @classmethod

@@ -39,7 +39,6 @@ refused; e.g. Qwen3 normalises keys after `k_proj`, so the captured keys would n
 """
 from __future__ import annotations
 
-import itertools
 import json
 import warnings
 from contextlib import contextmanager
@@ -54,7 +53,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from clex.config import HF_ARCHITECTURES, Experiment, ParamsError, PositionSpec, hf_refusal
 from clex.attention import CausalAttention, causal_mask
-from clex.model import Decoder, compute_dtype
+from clex.model import Decoder, _Fp32Child, compute_dtype
 from clex.rope import PositionEncoding, apply_rotary, build_position_encoding
 
 ARCHITECTURES = HF_ARCHITECTURES  # config.model_type values whose rotary and k_proj contract is tested
@@ -88,27 +87,6 @@ def hf_shape(config, train_len: int) -> HFShape:
                       f"the plain base rope_theta={rope['rope_theta']}", stacklevel=3)
     return HFShape(train_len, c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads or c.num_attention_heads,
                    head_dim, c.hidden_size, float(rope["rope_theta"]), c.vocab_size)
-
-
-def _keep_fp32(encoding: PositionEncoding, fn) -> None:
-    """Apply only the device part of a `Module._apply` function to `encoding`: it stays float32 under `.to(bf16)`,
-    `.half()` or Lightning's bf16-true cast (CLEX's network and θ tables are float32, docs/method.md §3.2)."""
-    tensor = next(itertools.chain(encoding.parameters(), encoding.buffers()), None)
-    device = torch.device("cpu") if tensor is None else tensor.device
-    encoding.to(fn(torch.empty(0, device=device)).device)
-
-
-class _Fp32Child(nn.Module):
-    """A module whose child `self._fp32` (the encoding) follows device moves but never dtype casts."""
-
-    _fp32: PositionEncoding
-
-    def _apply(self, fn, recurse: bool = True):
-        super()._apply(fn, recurse=False)  # own parameters and buffers (none here)
-        if recurse:
-            for child in self.children():
-                _keep_fp32(child, fn) if child is self._fp32 else child._apply(fn)
-        return self
 
 
 class RotaryAdapter(_Fp32Child):
@@ -326,13 +304,18 @@ class HFDecoder(_Fp32Child):
             out = self.hf(input_ids=tokens, attention_mask=mask, past_key_values=cache, use_cache=cache is not None)
         return out.logits
 
-    def save_pretrained(self, path: str | Path) -> Path:
+    def save_pretrained(self, path: str | Path, state: dict[str, Tensor] | None = None) -> Path:
         """The HF checkpoint (without the adapter's tensors: a plain `from_pretrained` loads it with the checkpoint's
-        own RoPE) plus `clex_rope.json` (spec, L, head dim, base) and `clex_rope.pt` (the encoding's state, float32)."""
+        own RoPE) plus `clex_rope.json` (spec, L, head dim, base) and `clex_rope.pt` (the encoding's state, float32).
+        `state`: this model's full state dict (its own keys, `hf.*` and `rope.*`) when the module holds only a shard
+        of it (FSDP: clex.distributed.model_state_dict gathers it); default `self.state_dict()`."""
         path = Path(path)
-        state = {k: v for k, v in self.hf.state_dict().items() if not k.startswith(self.rotary_prefix)}
-        self.hf.save_pretrained(path, state_dict=state)
-        torch.save({k: v.detach().cpu() for k, v in self.rope.state_dict().items()}, path / ROPE_WEIGHTS)
+        state = self.state_dict() if state is None else state
+        body = {k.removeprefix("hf."): v for k, v in state.items()
+                if k.startswith("hf.") and not k.removeprefix("hf.").startswith(self.rotary_prefix)}
+        self.hf.save_pretrained(path, state_dict=body)
+        rope = {k.removeprefix("rope."): v.detach().cpu() for k, v in state.items() if k.startswith("rope.")}
+        torch.save(rope, path / ROPE_WEIGHTS)
         meta = {"format": FORMAT, "rope": self.spec.model_dump(mode="json"), "train_len": self.cfg.train_len,
                 "head_dim": self.cfg.head_dim, "rope_base": self.cfg.rope_base, "architecture": type(self.hf).__name__}
         (path / ROPE_SPEC).write_text(json.dumps(meta, indent=1))

@@ -95,6 +95,8 @@ class LitDecoder(L.LightningModule):
         # runs it (docs/protocols.md); logs val_ppl_<n> and their mean val_ppl. None: val_loss at the training length
         self.val_protocol, self._val_nll = val_protocol, {}
         self.restored_metrics: dict[str, float] = {}  # the checkpoint's, when resumed (`final_metrics`)
+        # the matrices, by name, read before any wrapping: FSDP (use_orig_params) turns sharded parameters into 1-D views
+        self._matrices = {name for name, p in model.named_parameters() if p.ndim == 2}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["callback_metrics"] = {k: float(v) for k, v in self.trainer.callback_metrics.items()}
@@ -159,12 +161,23 @@ class LitDecoder(L.LightningModule):
         """AdamW groups: body_decay, body_no_decay (norms), rope (lr rope_lr, no decay; absent when frozen)."""
         decay, no_decay, rope = [], [], []
         for name, p in self.model.named_parameters():
-            (rope if name.startswith("rope.") else decay if p.ndim == 2 else no_decay).append(p)
+            name = name.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", "")
+            (rope if name.startswith("rope.") else decay if name in self._matrices else no_decay).append(p)
         groups = [{"name": "body_decay", "params": decay, "weight_decay": self.optim.weight_decay},
                   {"name": "body_no_decay", "params": no_decay, "weight_decay": 0.0}]
         if rope and self.rope_lr > 0:
             groups.append({"name": "rope", "params": rope, "weight_decay": 0.0, "lr": self.rope_lr})
         return groups
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Under FSDP the norm is the whole model's, over every rank's shard: the wrapped root's `clip_grad_norm_`
+        (Lightning's FSDP precision refuses to clip by norm); elsewhere Lightning's clipping."""
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        if gradient_clip_val and isinstance(self.trainer.model, FSDP):
+            self.trainer.model.clip_grad_norm_(gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.param_groups(), lr=self.optim.lr, betas=tuple(self.optim.betas))

@@ -17,12 +17,14 @@ rotated. What every layer needs besides its input travels in one `AttentionConte
 """
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from clex.attention import AttentionContext, CausalAttention, causal_mask
 from clex.config import ModelConfig
@@ -33,6 +35,27 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype q and k will have: autocast's when it is on for x's device, else x's own."""
     device = x.device.type
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
+def _keep_fp32(encoding: PositionEncoding, fn) -> None:
+    """Apply only the device part of a `Module._apply` function to `encoding`: it stays float32 under `.to(bf16)`,
+    `.half()` or Lightning's bf16-true cast (CLEX's network and θ tables are float32, docs/method.md §3.2)."""
+    tensor = next(itertools.chain(encoding.parameters(), encoding.buffers()), None)
+    device = torch.device("cpu") if tensor is None else tensor.device
+    encoding.to(fn(torch.empty(0, device=device)).device)
+
+
+class _Fp32Child(nn.Module):
+    """A module whose child `self._fp32` (the encoding) follows device moves but never dtype casts."""
+
+    _fp32: PositionEncoding
+
+    def _apply(self, fn, recurse: bool = True):
+        super()._apply(fn, recurse=False)  # own parameters and buffers (none here)
+        if recurse:
+            for child in self.children():
+                _keep_fp32(child, fn) if child is self._fp32 else child._apply(fn)
+        return self
 
 
 class Rows:
@@ -145,11 +168,15 @@ class Block(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
-class Decoder(nn.Module):
+class Decoder(_Fp32Child):
     """Token embedding (tied with the output head) → blocks → RMSNorm → logits.
 
     `attention`: the attention variant every layer uses (`clex.attention`; plain causal attention by default).
     With a `KVCache`, n (for t and the variant) is the context length: cached plus new tokens.
+    The encoding stays float32 when the model is cast (`.to(bf16)`, Lightning's bf16-true), as in `HFDecoder`.
+    `activation_checkpointing` (set by clex.distributed.apply_activation_checkpointing): in training with grad on,
+    each block's activations are dropped after its forward and recomputed in backward (less memory, one more
+    forward per block).
     """
 
     def __init__(self, cfg: ModelConfig, vocab_size: int, rope: PositionEncoding,
@@ -163,7 +190,12 @@ class Decoder(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, attention) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model)
         self.rope = rope
+        self.activation_checkpointing = False
         self._init_weights()
+
+    @property
+    def _fp32(self) -> PositionEncoding:
+        return self.rope
 
     def _init_weights(self) -> None:
         """GPT-2 style: N(0, std) everywhere, residual projections scaled by 1/sqrt(2·layers).
@@ -216,8 +248,12 @@ class Decoder(nn.Module):
         bias = rope.attention_bias(self.cfg.n_heads, q_positions, positions)
         mask = None if bias is None else causal_mask(bias, compute_dtype(x))
         ctx = AttentionContext(cos, sin, mask, offset, start)
+        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
-            x = block(x, ctx, None if cache is None else cache.layers[i])
+            if recompute:
+                x = checkpoint(block, x, ctx, None if cache is None else cache.layers[i], use_reentrant=False)
+            else:
+                x = block(x, ctx, None if cache is None else cache.layers[i])
         if cache is not None:
             cache.length = n
         return self.norm(x) @ self.embed.weight.T

@@ -35,6 +35,7 @@ from clex import layout, tracking
 from clex.checkpoint import HF_FOLDER, PLAIN, SOURCE_JSON, build_model, checkpoint_path, load_checkpoint
 from clex.config import Experiment, OptimConfig, ParamsError, Study, TrainerConfig
 from clex.data import FixedWindows, TokenWindows, data_hash, load_tokens
+from clex.distributed import apply_activation_checkpointing, fsdp_strategy, model_state_dict
 from clex.io import atomic_dir, atomic_file, atomic_write_text
 from clex.lit import BasisMonitor, LitDecoder, learns_basis, resolve_rope_lr
 from clex.model import parameter_count
@@ -178,12 +179,15 @@ def _read_state(state_file: Path) -> dict:
         return {}
 
 
-def resolve_trainer(cfg: TrainerConfig, learned_rope: bool) -> dict:
-    """Trainer kwargs from params; bf16-mixed on CUDA when precision is 'auto'."""
+def resolve_trainer(cfg: TrainerConfig, model: torch.nn.Module) -> dict:
+    """Trainer kwargs from params; bf16-mixed on CUDA when precision is 'auto'. fsdp is `clex.distributed`'s
+    FSDPStrategy for this model; ddp keeps find_unused_parameters for a learned encoding."""
     cuda = torch.cuda.is_available() and cfg.accelerator in ("auto", "gpu", "cuda")
     precision = cfg.precision if cfg.precision != "auto" else ("bf16-mixed" if cuda else "32-true")
     strategy: object = cfg.strategy
-    if cfg.strategy in ("ddp", "ddp_spawn", "ddp_fork") and learned_rope:
+    if cfg.strategy == "fsdp":
+        strategy = fsdp_strategy(cfg, model)
+    elif cfg.strategy in ("ddp", "ddp_spawn", "ddp_fork") and any(True for _ in model.rope.parameters()):
         # with t = 1 the CLEX network is skipped (docs/method.md §3.4), so its parameters get no gradient that step
         strategy = DDPStrategy(start_method=cfg.strategy.replace("ddp_", "") if "_" in cfg.strategy else "popen",
                                find_unused_parameters=True)
@@ -293,7 +297,8 @@ def train(study: Study, experiment: Experiment | None = None, seed: int | None =
     else:
         model = load_checkpoint(study, exp, checkpoint_path(study, layout.base_dir(study.root)))
         base_sha = json.loads((layout.base_dir(study.root) / "run.json").read_text())["checkpoint_sha256"]
-    rope_lr, step_scale = resolve_rope_lr(optim, model.rope)  # S from the weights at init
+    rope = model.rope  # the encoding itself: under FSDP, model.rope becomes its wrapper once training starts
+    rope_lr, step_scale = resolve_rope_lr(optim, rope)  # S from the weights at init
     dhash = data_hash(layout.data_dir(study.root))
     config_hash = (_config_hash(p.model_dump(), optim.model_dump(), exp.model_dump(), seed, dhash, base_sha)
                    if pretraining else finetune_hash(study, exp, optim, seed, dhash, base_sha))
@@ -335,8 +340,11 @@ def train(study: Study, experiment: Experiment | None = None, seed: int | None =
     ckpt = StepCheckpoint(dirpath=resume_dir, every_n_train_steps=cfg.checkpoint_every_n_steps, save_last=True,
                           save_top_k=0, enable_version_counter=False)
     monitor = [BasisMonitor(model.rope, cfg.log_every_n_steps)] if learns_basis(model.rope) else []
+    resolved = resolve_trainer(cfg, model)
+    if cfg.activation_checkpointing:
+        apply_activation_checkpointing(model, resolved["strategy"])
     trainer = L.Trainer(
-        **resolve_trainer(cfg, learned_rope=any(True for _ in model.rope.parameters())),
+        **resolved,
         max_steps=optim.steps, accumulate_grad_batches=optim.accumulate, logger=logger,
         callbacks=[ckpt, *monitor, *run.callbacks], log_every_n_steps=cfg.log_every_n_steps,
         # val_check_interval counts micro-batches; run.val_windows sets the validation set
@@ -356,11 +364,12 @@ def train(study: Study, experiment: Experiment | None = None, seed: int | None =
         warnings.filterwarnings("ignore", message=".*your dataloader is not resumable")
         trainer.fit(lit, dm, ckpt_path=str(last) if resuming else None)
     seconds = time.perf_counter() - started
-    if isinstance(model.rope, ContinuousClex):
-        _check_solver(study, model.rope, exp.rope.solver.max_rel_error, stage, logger, trainer, resume_dir)
+    if isinstance(rope, ContinuousClex):
+        _check_solver(study, rope, exp.rope.solver.max_rel_error, stage, logger, trainer, resume_dir)
+    state = model_state_dict(trainer)  # every rank: under FSDP a collective that gives rank 0 the whole model
     if trainer.is_global_zero:
         tokens = optim.steps * trainer.world_size * optim.batch_size * seq_len
-        _write_outputs(study, model, out_dir, logger.run_id, tags, trainer, lit.final_metrics(), tokens, seconds,
+        _write_outputs(study, model, state, out_dir, logger.run_id, tags, trainer, lit.final_metrics(), tokens, seconds,
                        resuming)
         shutil.rmtree(resume_dir, ignore_errors=True)
     return out_dir
@@ -442,14 +451,15 @@ def adopt(study: Study) -> Path:
     return out_dir
 
 
-def _write_outputs(study, model, out_dir, run_id, tags, trainer, metrics, tokens, seconds, resumed) -> None:
-    """The weights (model.pt, or a Hugging Face model's hf/ folder: `HFDecoder.save_pretrained`) + run.json into
-    out_dir (atomically), and the run's hash, throughput and θ(t) artifacts."""
+def _write_outputs(study, model, state, out_dir, run_id, tags, trainer, metrics, tokens, seconds, resumed) -> None:
+    """The weights (`state`, the full state dict) as model.pt, or for a Hugging Face model as its hf/ folder
+    (`HFDecoder.save_pretrained`), + run.json into out_dir (atomically), and the run's hash, throughput and θ(t)
+    artifacts."""
     with atomic_dir(out_dir) as tmp:
         if study.params.model.source == "hf":
-            sha = tracking.folder_sha256(model.save_pretrained(tmp / HF_FOLDER))
+            sha = tracking.folder_sha256(model.save_pretrained(tmp / HF_FOLDER, state))
         else:
-            torch.save(model.state_dict(), tmp / "model.pt")
+            torch.save(state, tmp / "model.pt")
             sha = tracking.file_sha256(tmp / "model.pt")
         info = {"run_id": run_id, "stage": tags["dvc_stage"], "experiment": tags["experiment"],
                 "seed": int(tags["seed"]), "checkpoint_sha256": sha, "data_hash": tags["data_hash"],
