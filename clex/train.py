@@ -331,7 +331,7 @@ def train(study: Study, experiment: Experiment | None = None, seed: int | None =
         tracking.close_stale_runs(root, stage, keep=run_id)
         recorded = ({**tracking.flatten(p.model_dump()), **tracking.flatten(exp.model_dump(), "exp.")} if pretraining
                     else tracking.flatten(study.finetune_inputs(exp, optim)))  # what the fine-tune depends on
-        logger.log_hyperparams({**recorded, **shape_params(model), "seed": seed, "n_params": parameter_count(model),
+        logger.log_hyperparams({**recorded, **shape_params(model.cfg), "seed": seed, "n_params": parameter_count(model),
                                 "seq_len": seq_len,
                                 **({} if pretraining else {"rope_lr_resolved": rope_lr, "rope_step_scale": step_scale}),
                                 **run.params})
@@ -390,10 +390,9 @@ def _check_solver(study, rope, max_error, stage, logger, trainer, resume_dir) ->
         raise SolverAccuracyError(failure)
 
 
-def shape_params(model) -> dict[str, str]:
-    """A Hugging Face model's real shape (clex.hf.HFShape: what its config.json says, not the decoder-only model keys)
-    as `shape.*` MLflow params; {} for our Decoder, whose shape is the model.* params."""
-    cfg = getattr(model, "cfg", None)
+def shape_params(cfg) -> dict[str, str]:
+    """A Hugging Face model's real shape (`model.cfg`, a clex.hf.HFShape: what its config.json says, not the
+    decoder-only model keys) as `shape.*` MLflow params; {} for our Decoder (its ModelConfig: the model.* params)."""
     return tracking.flatten(dataclasses.asdict(cfg), "shape.") if dataclasses.is_dataclass(cfg) else {}
 
 
@@ -430,7 +429,7 @@ def adopt(study: Study) -> Path:
                              config_hash=_config_hash(p.model_dump(), sha, dhash), checkpoint_sha256=sha,
                              model_source="hf")
     params = {**tracking.flatten(p.model_dump()), **tracking.flatten(PLAIN.model_dump(), "exp."),
-              **tracking.flatten(dataclasses.asdict(shape), "shape."), "seed": p.pretrain.seed, "n_params": n_params,
+              **shape_params(shape), "seed": p.pretrain.seed, "n_params": n_params,
               "seq_len": p.model.train_len}
     tracking.experiment_id(root)
     tracking.close_stale_runs(root, stage)
