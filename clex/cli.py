@@ -46,7 +46,7 @@ def _prepare(study: Study, args) -> None:
     from clex.data import prepare
 
     manifest = prepare(study.params.data, layout.data_dir(study.root), test_len=study.params.max_eval_len,
-                       root=study.root)
+                       root=study.root, model=study.params.model)
     print(f"prepared data {manifest['data_hash'][:12]}: {manifest['counts']}")
 
 

@@ -10,11 +10,14 @@ NaN or infinity: `Strict`, clex/spec.py).
 from __future__ import annotations
 
 import glob
+import json
+import re
 from pathlib import Path
 from typing import Annotated, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_serializer,
+                      model_validator)
 from pydantic_core import PydanticCustomError
 
 from clex.rope import REGISTRY, on_change, position_spec, types_with
@@ -93,9 +96,29 @@ class DataConfig(Strict):
 
 
 # ---------------------------------------------------------------------------- model
-class ModelConfig(Strict):
-    """A small LLaMA-style decoder; `train_len` is L, the pre-training context."""
+HF_ARCHITECTURES = ("llama", "mistral", "qwen2")  # config.json model_type values clex/hf.py supports (tested there)
+HF_ONLY_KEYS = ("source", "path", "attn_implementation")  # absent from a decoder study's dumps (`_dump`)
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")  # owner/name on the Hugging Face hub
 
+
+class ModelConfig(Strict):
+    """The model: a small LLaMA-style decoder trained here (`source: decoder`), or a LLaMA-family Hugging Face
+    checkpoint (`source: hf`, docs/hf.md "Running the study on a checkpoint"). `train_len` is L, the pre-training
+    context (for a checkpoint: the context it was trained at, e.g. 4096 for LLaMA-2).
+
+    With `source: hf`, `path` names the checkpoint: a local folder (relative to the study root) holding a config.json
+    whose model_type is one of HF_ARCHITECTURES, or, for a path that does not exist locally and reads `owner/name`,
+    a hub id (needs a network once; write `./<folder>` to mean a local folder). The decoder-only keys (d_model,
+    n_layers, n_heads, d_ff, rope_base, init_std) are then ignored: the checkpoint's config.json defines the shape,
+    which every run records as `shape.*` MLflow params. `attn_implementation` (hf only): auto = flash_attention_2
+    when flash_attn imports, CUDA is available and the encoding is rotary, else sdpa (clex/checkpoint.py).
+    For `source: decoder` the hf keys are left out of `model_dump()` (`_dump`), so a decoder study's config hashes,
+    MLflow params and resume keys are the ones it had before they existed.
+    """
+
+    source: Literal["decoder", "hf"] = "decoder"
+    path: str | None = Field(None, description="source hf: a local checkpoint folder or a hub id")
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
     d_model: int = Field(128, ge=8)
     n_layers: int = Field(4, ge=1)
     n_heads: int = Field(4, ge=1)
@@ -105,12 +128,54 @@ class ModelConfig(Strict):
     init_std: float = Field(0.02, gt=0)
 
     @model_validator(mode="after")
-    def _heads(self) -> "ModelConfig":
+    def _heads(self, info: ValidationInfo) -> "ModelConfig":
         if self.d_model % self.n_heads:
             raise ValueError(f"model.n_heads: {self.n_heads} must divide model.d_model={self.d_model}")
         if (self.d_model // self.n_heads) % 2:
             raise ValueError(f"model.d_model/n_heads = {self.d_model // self.n_heads}: head dim must be even for RoPE")
+        if self.source == "decoder":
+            return self
+        if not self.path:
+            raise ValueError("model.path: required when model.source is 'hf'; allowed: a local checkpoint folder "
+                             "(relative to the study root) or a hub id 'owner/name'")
+        folder = self.local_path((info.context or {}).get("root", "."))
+        if folder is None:  # a hub id: its config is read when the checkpoint is downloaded
+            return self
+        if not folder.exists():
+            raise ValueError(f"model.path: {self.path!r} does not exist; allowed: a local checkpoint folder holding "
+                             "config.json (relative to the study root), or a hub id 'owner/name'")
+        config = folder / "config.json"
+        try:
+            model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
+        except (OSError, ValueError, AttributeError) as e:
+            raise ValueError(f"model.path: {self.path!r} has no readable config.json ({type(e).__name__}); allowed: "
+                             "a Hugging Face checkpoint folder (config.json, weights, tokenizer)") from None
+        if model_type not in HF_ARCHITECTURES:
+            raise ValueError(f"model.path: {self.path!r} holds model_type {model_type!r}; allowed: "
+                             f"{list(HF_ARCHITECTURES)} (docs/hf.md)")
         return self
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler):
+        out = handler(self)
+        return {k: v for k, v in out.items() if k not in HF_ONLY_KEYS} if self.source == "decoder" else out
+
+    def local_path(self, root: Path | str = ".") -> Path | None:
+        """The checkpoint folder of a hf model when `path` is local (relative paths: from the study root); None for
+        the decoder and for a hub id."""
+        if self.source != "hf" or not self.path:
+            return None
+        folder = Path(root) / self.path
+        return folder if folder.exists() or not HUB_ID.match(self.path) else None
+
+    def tracked_path(self, root: Path | str = ".") -> str | None:
+        """`path` as DVC tracks it (a dependency of `prepare`): a local checkpoint folder; None otherwise."""
+        return self.path if self.local_path(root) is not None else None
+
+    @property
+    def source_tag(self) -> str | None:
+        """The `model_source` tag of every run of a hf study; None (no tag) for the decoder."""
+        return "hf" if self.source == "hf" else None
 
     @property
     def head_dim(self) -> int:
@@ -356,6 +421,20 @@ class Experiment(Strict):
     @property
     def t_max(self) -> int | None:
         return getattr(self.rope, "t_max", None)
+
+
+def hf_refusal(exp: Experiment, attn_implementation: str = "auto") -> str | None:
+    """Why a Hugging Face model (clex/hf.py) cannot run experiment `exp`, as 'key: value; allowed: ...' (None: it
+    can): HF attention takes no query scale and has no StreamingLLM window, and flash-attention takes no bias mask."""
+    if exp.attn_log_scale:
+        return "attn_log_scale: true; allowed with model.source 'hf': false (HF attention takes no query scale)"
+    if exp.streaming is not None:
+        return ("streaming: a StreamingLLM window; allowed with model.source 'hf': no streaming key (no HF "
+                "counterpart)")
+    if attn_implementation == "flash_attention_2" and not REGISTRY[exp.rope.type].rotary:
+        return (f"rope.type: {exp.rope.type!r} adds an attention bias, which model.attn_implementation "
+                "'flash_attention_2' cannot take; allowed: a rotary rope.type, or attn_implementation auto, sdpa or eager")
+    return None
 
 
 def _rebuild_position_spec() -> None:
@@ -657,7 +736,9 @@ def _finetune_config(base: FinetuneConfig, exp: Experiment) -> FinetuneConfig:
 
 
 def load_study(root: Path | str = ".", params_file: str = "params.yaml") -> Study:
-    """Read and cross-validate params.yaml, experiments/*.yaml and ablations/*/ablation.yaml."""
+    """Read and cross-validate params.yaml, experiments/*.yaml and ablations/*/ablation.yaml. With
+    `model.source: hf`, experiments a Hugging Face model cannot run (`hf_refusal`) may not be listed in
+    `experiments` or `reuse_experiments`, and ablations that compare one are left out of the study."""
     root = Path(root).resolve()
     params = _validate(Params, _read_yaml(root / params_file), params_file, {"root": root})
     corpus = params.data.tracked_corpus(root)
@@ -678,6 +759,15 @@ def load_study(root: Path | str = ".", params_file: str = "params.yaml") -> Stud
                 f"allowed: >= {n} (M = factor·L positions must hold the N = {n}·L training tokens)"
             )
     _check_experiment_lists(params, experiments, params_file)
+    hf = params.model.source == "hf"
+    if hf:
+        for key in ("experiments", "reuse_experiments"):
+            for name in getattr(params, key):
+                why = hf_refusal(experiments[name], params.model.attn_implementation)
+                if why:
+                    raise ParamsError(f"{params_file}: {key}: {name!r} cannot run on a Hugging Face model "
+                                      f"(experiments/{name}.yaml {why}); allowed: leave it out of {key} when "
+                                      "model.source is 'hf'")
     swept = params.sweep.experiment
     if swept not in experiments or experiments[swept].rope.type != "clex":
         raise ParamsError(f"{params_file}: sweep.experiment: {swept!r} is not a CLEX experiment; allowed: "
@@ -691,6 +781,9 @@ def load_study(root: Path | str = ".", params_file: str = "params.yaml") -> Stud
     for p in sorted((root / "ablations").glob("*/ablation.yaml")):
         source = str(p.relative_to(root))
         ab = _validate(Ablation, {"name": p.parent.name, **_read_yaml(p)}, source)
+        if hf and any(hf_refusal(experiments[e], params.model.attn_implementation)
+                      for e in ab.experiments if e in experiments):
+            continue  # it compares a knob a Hugging Face model does not have: not part of an hf study
         missing = [e for e in ab.experiments + [ab.reference or ab.experiments[0]] if e not in evaluated]
         if missing:
             raise ParamsError(

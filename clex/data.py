@@ -1,4 +1,5 @@
-"""The prepare stage: real text → document split → byte-level BPE → token arrays, plus a manifest.
+"""The prepare stage: real text → document split → byte-level BPE (or a checkpoint's tokenizer) → token arrays,
+plus a manifest.
 
 Documents come through `datasets` (one document per file for the embedded stdlib corpus and for
 local files; one row per document for a Hugging Face dataset). The split is by document, from a
@@ -29,9 +30,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from clex.config import DataConfig, ParamsError
+from clex.config import DataConfig, ModelConfig, ParamsError
 from clex.io import atomic_dir
-from clex.tracking import file_sha256
+from clex.tracking import file_sha256, folder_sha256
 
 EOS = "<|endoftext|>"
 SPLITS = ("train", "val", "test")
@@ -158,29 +159,67 @@ def train_tokenizer(texts: list[str], vocab_size: int):
     return tok
 
 
-def _encode(tok, texts: list[str]) -> list[np.ndarray]:
-    return [np.asarray(e.ids, dtype=np.uint16) for e in tok.encode_batch(texts)]
+def checkpoint_tokenizer(model: ModelConfig, root: Path | str) -> tuple[object, int, Path]:
+    """(the fast tokenizer's `tokenizers` backend, its EOS id, the checkpoint folder) of a Hugging Face model
+    (`model.source: hf`), as `AutoTokenizer.from_pretrained(model.path)` loads it."""
+    from transformers import AutoTokenizer
+
+    from clex.hf import checkpoint_dir
+
+    folder = checkpoint_dir(model, root)
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is None or tok.eos_token_id is None:
+        raise ParamsError(f"model.path: {model.path!r}: its tokenizer ({type(tok).__name__}) has "
+                          f"{'no fast (tokenizers) backend' if backend is None else 'no EOS token'}; allowed: a checkpoint "
+                          "with a fast tokenizer that defines eos_token (it separates the documents)")
+    return backend, int(tok.eos_token_id), folder
+
+
+def token_dtype(vocab_size: int) -> type:
+    """uint16 token arrays up to a vocabulary of 65,535 tokens, uint32 above (e.g. LLaMA-3's 128k)."""
+    return np.uint16 if vocab_size <= 65535 else np.uint32
+
+
+def _encode(tok, texts: list[str], dtype: type = np.uint16) -> list[np.ndarray]:
+    """Token ids of each text, no special tokens added (a checkpoint's tokenizer would add BOS: documents are
+    separated by EOS instead; our BPE adds none either way)."""
+    return [np.asarray(e.ids, dtype=dtype) for e in tok.encode_batch(texts, add_special_tokens=False)]
 
 
 # ------------------------------------------------------------------------------------ the stage
-def prepare(cfg: DataConfig, out_dir: Path, *, test_len: int, root: Path | str = ".") -> dict:
-    """Write train.bin, val.bin (uint16 token streams, documents joined by EOS), test.npz (test documents
-    with at least `test_len` tokens, cut to test_len), tokenizer.json and manifest.json into out_dir; a
-    relative corpus glob is read from the study `root` (`load_documents`)."""
+def prepare(cfg: DataConfig, out_dir: Path, *, test_len: int, root: Path | str = ".",
+            model: ModelConfig | None = None) -> dict:
+    """Write train.bin, val.bin (token streams, documents joined by EOS), test.npz (test documents with at least
+    `test_len` tokens, cut to test_len), tokenizer.json and manifest.json into out_dir; a relative corpus glob is
+    read from the study `root` (`load_documents`).
+
+    The tokenizer is a byte-level BPE trained on the train split (uint16 tokens), or with `model.source: hf` the
+    checkpoint's own (data.vocab_size ignored; uint32 tokens above 65,535 ids, manifest `token_dtype`), whose fast
+    backend is saved as tokenizer.json; the manifest then records the checkpoint folder's hash (`model_sha256`),
+    so that every stage downstream of build/data reruns when the checkpoint changes."""
     out_dir = Path(out_dir)
     ids, texts, where = load_documents(cfg, root)
     split = split_documents(ids, cfg)
-    tok = train_tokenizer([texts[i] for i in split["train"]], cfg.vocab_size)
-    eos = tok.token_to_id(EOS)
+    checkpoint = {}
+    if model is not None and model.source == "hf":
+        tok, eos, folder = checkpoint_tokenizer(model, root)
+        checkpoint = {"tokenizer": "checkpoint", "model_path": model.path, "model_sha256": folder_sha256(folder)}
+    else:
+        tok = train_tokenizer([texts[i] for i in split["train"]], cfg.vocab_size)
+        eos = tok.token_to_id(EOS)
+    dtype = token_dtype(tok.get_vocab_size())
+    if checkpoint:
+        checkpoint["token_dtype"] = np.dtype(dtype).name
 
     with atomic_dir(out_dir) as tmp:
         counts = {}
         for name in ("train", "val"):
-            parts = _encode(tok, [texts[i] for i in split[name]])
-            stream = np.concatenate([np.append(p, np.uint16(eos)) for p in parts])
+            parts = _encode(tok, [texts[i] for i in split[name]], dtype)
+            stream = np.concatenate([np.append(p, np.array([eos], dtype=dtype)) for p in parts])
             stream.tofile(tmp / f"{name}.bin")
             counts[f"{name}_documents"], counts[f"{name}_tokens"] = len(parts), int(stream.size)
-        test_parts = _encode(tok, [texts[i] for i in split["test"]])
+        test_parts = _encode(tok, [texts[i] for i in split["test"]], dtype)
         long = [(ids[i], p) for i, p in zip(split["test"], test_parts) if p.size >= test_len][: cfg.max_test_docs]
         if not long:
             longest = max(p.size for p in test_parts)
@@ -209,6 +248,7 @@ def prepare(cfg: DataConfig, out_dir: Path, *, test_len: int, root: Path | str =
             "params": cfg.model_dump(), "vocab_size": tok.get_vocab_size(), "eos_id": eos,
             "counts": counts, "file_sha256": files, "corpus_sha256": corpus.hexdigest(),
             "split": {name: sorted(ids[i] for i in split[name]) for name in SPLITS}, "test_ids": test_ids,
+            **checkpoint,
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
     return manifest
@@ -216,8 +256,9 @@ def prepare(cfg: DataConfig, out_dir: Path, *, test_len: int, root: Path | str =
 
 # ------------------------------------------------------------------------------------ readers
 def load_tokens(data_dir: Path, split: str) -> np.ndarray:
-    """The uint16 token stream of 'train' or 'val' (memory-mapped)."""
-    return np.memmap(Path(data_dir) / f"{split}.bin", dtype=np.uint16, mode="r")
+    """The token stream of 'train' or 'val' (memory-mapped), in the manifest's `token_dtype` (absent: uint16)."""
+    dtype = json.loads((Path(data_dir) / "manifest.json").read_text()).get("token_dtype", "uint16")
+    return np.memmap(Path(data_dir) / f"{split}.bin", dtype=np.dtype(dtype), mode="r")
 
 
 def load_test_docs(data_dir: Path) -> tuple[np.ndarray, list[str]]:

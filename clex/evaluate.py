@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from clex import layout, tracking
-from clex.checkpoint import checkpoint_source, load_checkpoint
+from clex.checkpoint import checkpoint_path, checkpoint_source, load_checkpoint
 from clex.config import EvalConfig, Experiment, NonFiniteError, ParamsError, Study
 from clex.data import FixedWindows, data_hash, load_test_docs, load_tokens
 from clex.io import atomic_file
@@ -166,7 +166,8 @@ def _numbers(d: dict, prefix: str = ""):
 
 
 def nonfinite_cause(model, ckpt: Path) -> str:
-    """The likely cause of a non-finite result: the checkpoint's non-finite tensors (by name), a non-finite
+    """The likely cause of a non-finite result: the checkpoint's (`ckpt`: a file or a Hugging Face folder, named in
+    the message) non-finite tensors (by name), a non-finite
     θ(t) table of the position encoding, or, with both finite, an overflow in the forward."""
     bad = [(k, int((~torch.isfinite(v)).sum())) for k, v in model.state_dict().items()
            if v.is_floating_point() and not torch.isfinite(v).all()]
@@ -216,7 +217,8 @@ def evaluate(study: Study, experiment: str, seed: int | None = None) -> Path:
     stage = "evaluate_base" if experiment == "base" else study.evaluate_stage(experiment, seed)
     fmt = passkey_format(study, min(p.eval.lengths), "the shortest of eval.lengths")
     trained = json.loads((src / "run.json").read_text())
-    model = load_checkpoint(study, exp, src / "model.pt")
+    ckpt = checkpoint_path(study, src)  # model.pt, a Hugging Face fine-tune's hf/ folder or the adopted checkpoint
+    model = load_checkpoint(study, exp, ckpt)
     test_docs, _ = load_test_docs(layout.data_dir(study.root))
     sets = {"test": torch.from_numpy(test_docs[:, : p.max_eval_len].astype("int64")), "val": validation_windows(study)}
     primary = p.eval.protocols[0]
@@ -227,7 +229,7 @@ def evaluate(study: Study, experiment: str, seed: int | None = None) -> Path:
                                                     p.passkey.seed), p.passkey.depths, p.eval.batch_size, logits_at)
                for n in p.eval.lengths}
     trained_by = "pretrain" if experiment == "base" else tracking.stage_name("finetune", study.checkpoint_of(experiment), seed)
-    check_finite(scores, passkey, model, src / "model.pt", stage, exp.name, seed, primary, trained_by)
+    check_finite(scores, passkey, model, ckpt, stage, exp.name, seed, primary, trained_by)
 
     def ppl(protocol: str, split: str) -> dict:
         return {str(n): r["ppl"] for n, r in scores[protocol][split].items()}
@@ -270,7 +272,8 @@ def _track(study: Study, exp: Experiment, seed: int, stage: str, src: Path, trai
               "seed": str(seed)}
     tags = tracking.run_tags(root, stage, "evaluate", parent=train_run_id, experiment=exp.name, seed=seed,
                              ablations=tracking.ablations_of(study, exp.name), data_hash=record["data_hash"],
-                             checkpoint_sha256=record["checkpoint_sha256"], checkpoint_of=exp.reuse or exp.name)
+                             checkpoint_sha256=record["checkpoint_sha256"], checkpoint_of=exp.reuse or exp.name,
+                             model_source=p.model.source_tag)
     out = layout.eval_path(root, exp.name, seed)  # PLAIN is named "base"
     with ExitStack() as runs:
         for protocol, entry in record["protocols"].items():

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from clex import layout, tracking
-from clex.checkpoint import checkpoint_source, load_checkpoint
+from clex.checkpoint import checkpoint_path, checkpoint_source, load_checkpoint
 from clex.config import ParamsError, Study
 from clex.data import load_test_docs
 from clex.evaluate import logit_chunks
@@ -90,7 +90,8 @@ def prompt_ids(study: Study, prompt_file: Path | None, prompt_doc: int | None, p
     if prompt_file is not None:
         if not Path(prompt_file).is_file():
             raise ParamsError(f"--prompt-file: {prompt_file} is not a file; allowed: a text file")
-        ids, what = tokenizer.encode(Path(prompt_file).read_text()).ids, f"--prompt-file {prompt_file}"
+        ids = tokenizer.encode(Path(prompt_file).read_text(), add_special_tokens=False).ids  # as prepare encodes
+        what = f"--prompt-file {prompt_file}"
     else:
         docs, _ = load_test_docs(layout.data_dir(study.root))
         doc = 0 if prompt_doc is None else prompt_doc
@@ -118,18 +119,19 @@ def run_generate(study: Study, experiment: str, seed: int | None, *, prompt_file
     elif device.startswith("cuda") and not torch.cuda.is_available():
         raise ParamsError(f"--device: {device}, but CUDA is not available; allowed: auto or cpu")
     exp, src, seed = checkpoint_source(study, experiment, seed)
-    if not (src / "model.pt").is_file():
+    ckpt = checkpoint_path(study, src)  # model.pt, or a Hugging Face folder
+    if not ckpt.exists():
         stage = "pretrain" if experiment == "base" else tracking.stage_name("finetune", study.checkpoint_of(experiment), seed)
-        raise ParamsError(f"{experiment} (seed {seed}): no checkpoint at {src / 'model.pt'}; "
+        raise ParamsError(f"{experiment} (seed {seed}): no checkpoint at {ckpt}; "
                           f"allowed: a trained run (`dvc repro {stage}`)")
     tokenizer = Tokenizer.from_file(str(layout.data_dir(study.root) / "tokenizer.json"))
     prompt = prompt_ids(study, prompt_file, prompt_doc, prompt_tokens, tokenizer)
-    model = load_checkpoint(study, exp, src / "model.pt").to(device)
+    model = load_checkpoint(study, exp, ckpt).to(device)
     generator = None if sample_seed is None else torch.Generator().manual_seed(sample_seed)
     start = time.perf_counter()
     ids, ts = generate(model, torch.tensor(prompt), max_new_tokens, temperature, top_k, generator)
     seconds = time.perf_counter() - start
-    result = {"experiment": exp.name, "seed": seed, "checkpoint": str(src / "model.pt"), "device": device,
+    result = {"experiment": exp.name, "seed": seed, "checkpoint": str(ckpt), "device": device,
               "temperature": temperature, "top_k": top_k, "sample_seed": sample_seed,
               "prompt_ids": prompt, "generated_ids": ids, "prompt_text": tokenizer.decode(prompt),
               "text": tokenizer.decode(ids), "t": ts, "seconds": seconds}

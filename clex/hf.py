@@ -52,12 +52,12 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Pr
 from transformers.cache_utils import Cache, DynamicLayer
 
 import clex.attention
-from clex.config import Experiment, ParamsError, PositionSpec
+from clex.config import HF_ARCHITECTURES, Experiment, ParamsError, PositionSpec, hf_refusal
 from clex.attention import CausalAttention, causal_mask
 from clex.model import Decoder, Rows, _Fp32Child, compute_dtype
 from clex.rope import PositionEncoding, apply_rotary, build_position_encoding
 
-ARCHITECTURES = ("llama", "mistral", "qwen2")  # config.model_type values whose rotary and k_proj contract is tested
+ARCHITECTURES = HF_ARCHITECTURES  # config.model_type values whose rotary and k_proj contract is tested
 ROPE_SPEC, ROPE_WEIGHTS = "clex_rope.json", "clex_rope.pt"
 FORMAT = 1
 FLOAT_MASK_ATTENTION = ("sdpa", "eager")  # implementations that take an additive float mask (bias encodings)
@@ -315,13 +315,18 @@ class HFDecoder(_Fp32Child):
             out = self.hf(input_ids=tokens, attention_mask=mask, past_key_values=cache, use_cache=cache is not None)
         return out.logits
 
-    def save_pretrained(self, path: str | Path) -> Path:
+    def save_pretrained(self, path: str | Path, state: dict[str, Tensor] | None = None) -> Path:
         """The HF checkpoint (without the adapter's tensors: a plain `from_pretrained` loads it with the checkpoint's
-        own RoPE) plus `clex_rope.json` (spec, L, head dim, base) and `clex_rope.pt` (the encoding's state, float32)."""
+        own RoPE) plus `clex_rope.json` (spec, L, head dim, base) and `clex_rope.pt` (the encoding's state, float32).
+        `state`: this model's full state dict (its own keys, `hf.*` and `rope.*`) when the module holds only a shard
+        of it (FSDP: clex.distributed.model_state_dict gathers it); default `self.state_dict()`."""
         path = Path(path)
-        state = {k: v for k, v in self.hf.state_dict().items() if not k.startswith(self.rotary_prefix)}
-        self.hf.save_pretrained(path, state_dict=state)
-        torch.save({k: v.detach().cpu() for k, v in self.rope.state_dict().items()}, path / ROPE_WEIGHTS)
+        state = self.state_dict() if state is None else state
+        body = {k.removeprefix("hf."): v for k, v in state.items()
+                if k.startswith("hf.") and not k.removeprefix("hf.").startswith(self.rotary_prefix)}
+        self.hf.save_pretrained(path, state_dict=body)
+        rope = {k.removeprefix("rope."): v.detach().cpu() for k, v in state.items() if k.startswith("rope.")}
+        torch.save(rope, path / ROPE_WEIGHTS)
         meta = {"format": FORMAT, "rope": self.spec.model_dump(mode="json"), "train_len": self.cfg.train_len,
                 "head_dim": self.cfg.head_dim, "rope_base": self.cfg.rope_base, "architecture": type(self.hf).__name__}
         (path / ROPE_SPEC).write_text(json.dumps(meta, indent=1))
@@ -329,6 +334,17 @@ class HFDecoder(_Fp32Child):
 
 
 # ---------------------------------------------------------------------------- building and loading
+def checkpoint_dir(model_cfg, root: Path | str = ".") -> Path:
+    """The local folder of the study's checkpoint (`model.path`): a local folder (relative to the study root), or
+    for a hub id its snapshot in the Hugging Face cache (downloaded on first use; cached after, also offline)."""
+    local = model_cfg.local_path(root)
+    if local is not None:
+        return local
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(model_cfg.path))
+
+
 def _from_pretrained(path: str | Path, dtype: torch.dtype | None, attn_implementation: str) -> PreTrainedModel:
     return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype or torch.float32,
                                                 attn_implementation=attn_implementation)
@@ -345,12 +361,9 @@ def build_hf_model(params, experiment: Experiment, *, path: str | Path | None = 
     path = path or getattr(model_cfg, "path", None)
     if not path:
         raise ParamsError("model.path: required for a Hugging Face model (a local checkpoint folder or a hub id)")
-    if experiment.attn_log_scale:
-        raise ParamsError(f"experiments/{experiment.name}.yaml: attn_log_scale: true; allowed with a Hugging Face "
-                          "model: false (HF attention takes no query scale)")
-    if experiment.streaming is not None:
-        raise ParamsError(f"experiments/{experiment.name}.yaml: streaming: is not supported with a Hugging Face model; "
-                          "allowed: no streaming key")
+    why = hf_refusal(experiment, attn_implementation)
+    if why:
+        raise ParamsError(f"experiments/{experiment.name}.yaml: {why}")
     return HFDecoder(_from_pretrained(path, dtype, attn_implementation), experiment.rope, model_cfg.train_len)
 
 

@@ -6,9 +6,13 @@ the study root; the functions return `root / <relative path>`.
 
     build/validated                      `clex validate`: marker that params and experiments passed
     build/experiments/<exp>.json         each experiment's resolved settings (what its fine-tune reads)
-    build/data/                          `clex prepare`: tokenizer, token arrays, manifest
+    build/data/                          `clex prepare`: tokenizer.json, token arrays, manifest
     build/base/                          `clex pretrain`: model.pt, run.json, frequencies.json
-    build/finetune/<exp>/seed<n>/        `clex finetune`: the same three files
+                                         (model.source hf: run.json, frequencies.json, source.json: the adopted
+                                         checkpoint's path and hash, no weights)
+    build/finetune/<exp>/seed<n>/        `clex finetune`: model.pt, run.json, frequencies.json
+                                         (model.source hf: hf/ instead of model.pt: the HF checkpoint with
+                                         clex_rope.json and clex_rope.pt, clex.hf.HFDecoder.save_pretrained)
     build/resume/<stage>/                checkpoints and state of an unfinished training run
     build/eval/base.json                 `clex evaluate base`
     build/eval/<exp>/seed<n>.json        `clex evaluate <exp> --seed <n>`

@@ -63,7 +63,7 @@ class PasskeyFormat:
         check_passkey_template(needle, question)
 
         def ids(text: str) -> tuple[int, ...]:
-            return tuple(tok.encode(text).ids) if text else ()
+            return tuple(tok.encode(text, add_special_tokens=False).ids) if text else ()  # no BOS: as prepare encodes
 
         return cls(digits, digit_ids, tuple(ids(t) for t in needle.split(KEY)), ids(question[: -len(KEY)]))
 

@@ -4,7 +4,8 @@ dvc.yaml is edited by hand above that line: `validate`, `pretrain`, `evaluate_ba
 `evaluate` matrices over params.yaml `experiments` × `finetune.seeds` (DVC names them `finetune@<exp>-<seed>`,
 the names MLflow's `dvc_stage` tags and the report's repair commands use). `clex pipeline` writes the rest,
 each stanza under a comment saying why DVC cannot express it:
-  - `prepare`: its corpus dependency is the folder a `data.files` glob is rooted at (`DataConfig.tracked_corpus`);
+  - `prepare`: its corpus dependency is the folder a `data.files` glob is rooted at (`DataConfig.tracked_corpus`),
+    and a local Hugging Face checkpoint folder (`ModelConfig.tracked_path`);
   - `evaluate_on_<checkpoint>`: reuse experiments read another experiment's checkpoint, and DVC has no nested
     lookup (`${a.${b}}`); one matrix per reused checkpoint, over its reusers × `${finetune.seeds}`, copied from
     the hand-written `evaluate` matrix (so both declare the same code and params);
@@ -55,10 +56,11 @@ def hand_written(study: Study) -> dict:
 def stages(study: Study) -> dict[str, tuple[str, dict]]:
     """The generated stages: {name: (why DVC cannot express it, stanza)}, derived from the hand-written ones."""
     hand, p = hand_written(study), study.params
-    corpus = [c for c in [p.data.tracked_corpus(study.root)] if c]
-    out = {"prepare": ("its corpus dependency is the folder data.files is rooted at (none for stdlib or a hub dataset)",
+    corpus = [c for c in [p.data.tracked_corpus(study.root), p.model.tracked_path(study.root)] if c]
+    out = {"prepare": ("its corpus dependency is the folder data.files is rooted at (none for stdlib or a hub dataset), "
+                       "and a local model.path (a Hugging Face checkpoint: its tokenizer, and its hash in the manifest)",
                        {"cmd": "clex prepare", "deps": [_rel(layout.validated), "clex/data.py"] + corpus,
-                        "params": ["data", "eval.lengths"], "outs": [_rel(layout.data_dir)]})}
+                        "params": ["data", "eval.lengths", "model.source", "model.path"], "outs": [_rel(layout.data_dir)]})}
     evaluate, own = hand["evaluate"], _rel(layout.finetune_dir, "${item.experiment}", "${item.seed}")
     for ckpt in dict.fromkeys(study.checkpoint_of(e) for e in p.reuse_experiments):
         reusers = [e for e in p.reuse_experiments if study.checkpoint_of(e) == ckpt]

@@ -388,7 +388,8 @@ def _record(study: Study, name: str, folder: Path, df, protocols: list[str]) -> 
     sources = df.drop_duplicates(["protocol", "experiment", "seed"])
     tracking.close_stale_runs(root, stage)
     params = {f"source_run.{r.protocol}/{r.experiment}/seed{r.seed}": r.run_id for r in sources.itertuples()}
-    tags = tracking.run_tags(root, stage, "report", ablation=name, eval_protocol=",".join(protocols))
+    tags = tracking.run_tags(root, stage, "report", ablation=name, eval_protocol=",".join(protocols),
+                             model_source=study.params.model.source_tag)
     with tracking.open_run(root, stage, tags, params) as run_id:
         c = tracking.client(root)
         for f in ("table.md", "ppl_vs_length.png", "metrics.json", "ppl_by_length.csv"):

@@ -107,6 +107,19 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def folder_sha256(folder: Path) -> str:
+    """The content hash of a folder (a Hugging Face checkpoint): sha256 over one line per file, in sorted order, of
+    its path relative to the folder and its `file_sha256`; hidden files and folders (a download tool's `.cache`)
+    are left out. Renaming, adding, removing or editing a file changes it; where the folder lies does not."""
+    folder = Path(folder)
+    h = hashlib.sha256()
+    files = sorted(p for p in folder.rglob("*") if p.is_file()
+                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    for f in files:
+        h.update(f"{f.relative_to(folder).as_posix()}\0{file_sha256(f)}\n".encode())
+    return h.hexdigest()
+
+
 def stage_name(stage: str, experiment: str | None = None, seed: int | None = None) -> str:
     """The DVC stage a run belongs to, e.g. 'finetune@clex-0' (DVC's matrix naming)."""
     return stage if experiment is None else f"{stage}@{experiment}-{seed}"

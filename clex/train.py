@@ -12,6 +12,7 @@ paths come from clex/layout.py, its MLflow tags from `tracking.run_tags`, its wr
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -31,7 +32,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader, Dataset
 
 from clex import layout, tracking
-from clex.checkpoint import PLAIN, build_model, load_checkpoint
+from clex.checkpoint import HF_FOLDER, PLAIN, SOURCE_JSON, build_model, checkpoint_path, load_checkpoint
 from clex.config import Experiment, OptimConfig, ParamsError, Study, TrainerConfig
 from clex.data import FixedWindows, TokenWindows, data_hash, load_tokens
 from clex.distributed import apply_activation_checkpointing, fsdp_strategy, model_state_dict
@@ -39,7 +40,8 @@ from clex.io import atomic_dir, atomic_file, atomic_write_text
 from clex.lit import BasisMonitor, LitDecoder, learns_basis, resolve_rope_lr
 from clex.model import parameter_count
 from clex.passkey import passkey_format
-from clex.rope import REFERENCE_SOLVER, ContinuousClex, max_rel_error, reference_table, solver_fix
+from clex.rope import (REFERENCE_SOLVER, ContinuousClex, build_position_encoding, max_rel_error, reference_table,
+                       solver_fix)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -277,6 +279,8 @@ def train(study: Study, experiment: Experiment | None = None, seed: int | None =
     the caller (a sweep trial); returns its output directory."""
     p = study.params
     pretraining = experiment is None
+    if pretraining and p.model.source == "hf":
+        return adopt(study)
     exp = PLAIN if pretraining else experiment
     seed = p.pretrain.seed if pretraining else seed
     run = run or stage_run(study, experiment, seed)
@@ -291,7 +295,7 @@ def train(study: Study, experiment: Experiment | None = None, seed: int | None =
         model = build_model(study, exp)
         base_sha = None
     else:
-        model = load_checkpoint(study, exp, layout.base_dir(study.root) / "model.pt")
+        model = load_checkpoint(study, exp, checkpoint_path(study, layout.base_dir(study.root)))
         base_sha = json.loads((layout.base_dir(study.root) / "run.json").read_text())["checkpoint_sha256"]
     rope = model.rope  # the encoding itself: under FSDP, model.rope becomes its wrapper once training starts
     rope_lr, step_scale = resolve_rope_lr(optim, rope)  # S from the weights at init
@@ -313,7 +317,8 @@ def train(study: Study, experiment: Experiment | None = None, seed: int | None =
     resuming = last is not None
     tags = {**tracking.run_tags(root, stage, run.role or ("pretrain" if pretraining else "finetune"), parent=run.parent,
                                 experiment=exp.name, seed=seed, ablations=tracking.ablations_of(study, exp.name),
-                                data_hash=dhash, config_hash=config_hash, base_checkpoint_sha256=base_sha),
+                                data_hash=dhash, config_hash=config_hash, base_checkpoint_sha256=base_sha,
+                                model_source=p.model.source_tag),
             **run.tags}
     logger = MLFlowLogger(
         experiment_name=tracking.MLFLOW_EXPERIMENT, run_name=stage, tracking_uri=tracking.tracking_uri(root),
@@ -326,7 +331,8 @@ def train(study: Study, experiment: Experiment | None = None, seed: int | None =
         tracking.close_stale_runs(root, stage, keep=run_id)
         recorded = ({**tracking.flatten(p.model_dump()), **tracking.flatten(exp.model_dump(), "exp.")} if pretraining
                     else tracking.flatten(study.finetune_inputs(exp, optim)))  # what the fine-tune depends on
-        logger.log_hyperparams({**recorded, "seed": seed, "n_params": parameter_count(model), "seq_len": seq_len,
+        logger.log_hyperparams({**recorded, **shape_params(model.cfg), "seed": seed, "n_params": parameter_count(model),
+                                "seq_len": seq_len,
                                 **({} if pretraining else {"rope_lr_resolved": rope_lr, "rope_step_scale": step_scale}),
                                 **run.params})
 
@@ -384,21 +390,83 @@ def _check_solver(study, rope, max_error, stage, logger, trainer, resume_dir) ->
         raise SolverAccuracyError(failure)
 
 
+def shape_params(cfg) -> dict[str, str]:
+    """A Hugging Face model's real shape (`model.cfg`, a clex.hf.HFShape: what its config.json says, not the
+    decoder-only model keys) as `shape.*` MLflow params; {} for our Decoder (its ModelConfig: the model.* params)."""
+    return tracking.flatten(dataclasses.asdict(cfg), "shape.") if dataclasses.is_dataclass(cfg) else {}
+
+
+def _frequencies(rope) -> str:
+    """frequencies.json: the encoding's θ(t) table, t = 1..rows."""
+    freq = rope.frequency_table().cpu()
+    return json.dumps({"t": list(range(1, freq.shape[0] + 1)), "inv_freq": freq.tolist()})
+
+
+def adopt(study: Study) -> Path:
+    """The pretrain stage of a Hugging Face study (model.source hf): the checkpoint is the base model, adopted as it
+    is (no training, no copy of its weights). build/base gets run.json (checkpoint_sha256: the checkpoint folder's
+    `tracking.folder_sha256`, steps 0), frequencies.json (plain RoPE on its rope_theta) and source.json (its path
+    and hash), and one MLflow run tagged like a pretrain run plus model_source hf, with its shape (`shape.*`) and
+    n_params as params (counted on the meta device: nothing is loaded but config.json)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from clex.hf import ARCHITECTURES, checkpoint_dir, hf_shape
+
+    p, root, stage = study.params, study.root, "pretrain"
+    folder = checkpoint_dir(p.model, root)
+    config = AutoConfig.from_pretrained(str(folder))
+    if config.model_type not in ARCHITECTURES:  # a hub id's config is first read here
+        raise ParamsError(f"model.path: {p.model.path!r} holds model_type {config.model_type!r}; allowed: "
+                          f"{list(ARCHITECTURES)} (docs/hf.md)")
+    with torch.device("meta"):
+        n_params = parameter_count(AutoModelForCausalLM.from_config(config))
+    shape = hf_shape(config, p.model.train_len)
+    table = _frequencies(build_position_encoding(PLAIN.rope, head_dim=shape.head_dim, base=shape.rope_base,
+                                                 train_len=shape.train_len))
+    sha, dhash = tracking.folder_sha256(folder), data_hash(layout.data_dir(root))
+    tags = tracking.run_tags(root, stage, "pretrain", experiment=PLAIN.name, seed=p.pretrain.seed,
+                             ablations=tracking.ablations_of(study, PLAIN.name), data_hash=dhash,
+                             config_hash=_config_hash(p.model_dump(), sha, dhash), checkpoint_sha256=sha,
+                             model_source="hf")
+    params = {**tracking.flatten(p.model_dump()), **tracking.flatten(PLAIN.model_dump(), "exp."),
+              **shape_params(shape), "seed": p.pretrain.seed, "n_params": n_params,
+              "seq_len": p.model.train_len}
+    tracking.experiment_id(root)
+    tracking.close_stale_runs(root, stage)
+    out_dir = layout.base_dir(root)
+    with tracking.open_run(root, stage, tags, params) as run_id, atomic_dir(out_dir) as tmp:
+        info = {"run_id": run_id, "stage": stage, "experiment": PLAIN.name, "seed": p.pretrain.seed,
+                "checkpoint_sha256": sha, "data_hash": dhash, "git_commit": tags["git_commit"], "steps": 0,
+                "train_tokens": 0, "train_seconds": 0.0, "train_tokens_per_s": None, "metrics": {},
+                "model_source": "hf"}
+        source = {"source": "hf", "path": p.model.path, "checkpoint_sha256": sha, "model_type": config.model_type,
+                  "shape": dataclasses.asdict(shape), "n_params": n_params}
+        (tmp / "run.json").write_text(json.dumps(info, indent=2))
+        (tmp / "frequencies.json").write_text(table)
+        (tmp / SOURCE_JSON).write_text(json.dumps(source, indent=2))
+        c = tracking.client(root)
+        for name in ("run.json", "frequencies.json", SOURCE_JSON):
+            c.log_artifact(run_id, str(tmp / name))
+    return out_dir
+
+
 def _write_outputs(study, model, state, out_dir, run_id, tags, trainer, metrics, tokens, seconds, resumed) -> None:
-    """model.pt (`state`, the full state dict) + run.json into out_dir (atomically), and the run's hash,
-    throughput and θ(t) artifacts."""
+    """The weights (`state`, the full state dict) as model.pt, or for a Hugging Face model as its hf/ folder
+    (`HFDecoder.save_pretrained`), + run.json into out_dir (atomically), and the run's hash, throughput and θ(t)
+    artifacts."""
     with atomic_dir(out_dir) as tmp:
-        torch.save(state, tmp / "model.pt")
-        sha = tracking.file_sha256(tmp / "model.pt")
+        if study.params.model.source == "hf":
+            sha = tracking.folder_sha256(model.save_pretrained(tmp / HF_FOLDER, state))
+        else:
+            torch.save(state, tmp / "model.pt")
+            sha = tracking.file_sha256(tmp / "model.pt")
         info = {"run_id": run_id, "stage": tags["dvc_stage"], "experiment": tags["experiment"],
                 "seed": int(tags["seed"]), "checkpoint_sha256": sha, "data_hash": tags["data_hash"],
                 "git_commit": tags["git_commit"], "steps": trainer.global_step, "train_tokens": tokens,
                 "train_seconds": round(seconds, 2),
                 "train_tokens_per_s": round(tokens / seconds, 1) if not resumed else None, "metrics": metrics}
-        freq = model.rope.frequency_table().cpu()
-        table = {"t": list(range(1, freq.shape[0] + 1)), "inv_freq": freq.tolist()}
         (tmp / "run.json").write_text(json.dumps(info, indent=2))
-        (tmp / "frequencies.json").write_text(json.dumps(table))
+        (tmp / "frequencies.json").write_text(_frequencies(model.rope))
         c = tracking.client(study.root)
         c.set_tag(run_id, "checkpoint_sha256", sha)
         if info["train_tokens_per_s"]:
