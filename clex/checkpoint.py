@@ -8,6 +8,7 @@ evaluation stage does not pay for importing the trainer.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 from pathlib import Path
@@ -98,6 +99,22 @@ def load_checkpoint(study: Study, experiment: Experiment, ckpt: Path):
     if unexpected or any(not k.startswith("rope.") for k in missing):
         raise RuntimeError(f"{ckpt}: does not fit the model (missing {missing}, unexpected {unexpected})")
     return model
+
+
+def for_inference(study: Study, model) -> tuple[torch.nn.Module, contextlib.AbstractContextManager, dict]:
+    """`model` placed as its training ran (trainer.accelerator, trainer.precision), the context its evaluation
+    forwards run in, and {device, precision} for the record. CUDA when the accelerator allows it and a GPU is
+    visible, else the CPU. bf16-true casts the body to bf16; bf16-mixed / 16-mixed autocast, as Lightning does in
+    training; 32-true runs float32. The encoding stays float32 in every case (clex/model.py `_keep_fp32`). The
+    default CPU study is unchanged: CPU, 32-true, no autocast."""
+    cfg = study.params.trainer
+    device, precision = torch.device("cuda" if cfg.uses_cuda() else "cpu"), cfg.resolved_precision()
+    model = model.to(device)
+    if precision == "bf16-true":
+        model = model.to(torch.bfloat16)
+    mixed = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
+    context = torch.autocast(device.type, dtype=mixed) if mixed else contextlib.nullcontext()
+    return model, context, {"device": device.type, "precision": precision}
 
 
 def checkpoint_source(study: Study, experiment: str, seed: int | None) -> tuple[Experiment, Path, int]:

@@ -262,6 +262,17 @@ class TrainerConfig(Strict):
             return v
         raise PydanticCustomError("devices", "allowed: a number of devices >= 1, or 'auto'")
 
+    def uses_cuda(self) -> bool:
+        """Whether training (and evaluation, clex/checkpoint.py) runs on CUDA: the accelerator allows it and a GPU
+        is visible."""
+        import torch
+
+        return self.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+
+    def resolved_precision(self) -> str:
+        """`precision` with 'auto' resolved: bf16-mixed on CUDA, 32-true elsewhere."""
+        return self.precision if self.precision != "auto" else ("bf16-mixed" if self.uses_cuda() else "32-true")
+
 
 # ---------------------------------------------------------------------------- evaluation
 PROTOCOLS = ("progressive", "nonoverlapping", "sliding")  # clex/evaluate.py defines each

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from clex import layout, tracking
-from clex.checkpoint import checkpoint_path, checkpoint_source, load_checkpoint
+from clex.checkpoint import checkpoint_path, checkpoint_source, for_inference, load_checkpoint
 from clex.config import EvalConfig, Experiment, NonFiniteError, ParamsError, Study
 from clex.data import FixedWindows, data_hash, load_test_docs, load_tokens
 from clex.io import atomic_file
@@ -218,16 +218,18 @@ def evaluate(study: Study, experiment: str, seed: int | None = None) -> Path:
     fmt = passkey_format(study, min(p.eval.lengths), "the shortest of eval.lengths")
     trained = json.loads((src / "run.json").read_text())
     ckpt = checkpoint_path(study, src)  # model.pt, a Hugging Face fine-tune's hf/ folder or the adopted checkpoint
-    model = load_checkpoint(study, exp, ckpt)
+    # on the training device and precision (the GPU profile's evaluations would take hours on the CPU)
+    model, precision, placement = for_inference(study, load_checkpoint(study, exp, ckpt))
     test_docs, _ = load_test_docs(layout.data_dir(study.root))
     sets = {"test": torch.from_numpy(test_docs[:, : p.max_eval_len].astype("int64")), "val": validation_windows(study)}
     primary = p.eval.protocols[0]
-    scores = {protocol: {name: {n: perplexity(model, docs, n, p.eval, protocol) for n in p.eval.lengths}
-                         for name, docs in sets.items()} for protocol in p.eval.protocols}
-    logits_at = rows_of(model, primary)
-    passkey = {n: passkey_accuracy(model, *eval_set(fmt, test_docs, n, p.passkey.depths, p.passkey.samples,
-                                                    p.passkey.seed), p.passkey.depths, p.eval.batch_size, logits_at)
-               for n in p.eval.lengths}
+    with precision:
+        scores = {protocol: {name: {n: perplexity(model, docs, n, p.eval, protocol) for n in p.eval.lengths}
+                             for name, docs in sets.items()} for protocol in p.eval.protocols}
+        logits_at = rows_of(model, primary)
+        passkey = {n: passkey_accuracy(model, *eval_set(fmt, test_docs, n, p.passkey.depths, p.passkey.samples,
+                                                        p.passkey.seed), p.passkey.depths, p.eval.batch_size, logits_at)
+                   for n in p.eval.lengths}
     trained_by = "pretrain" if experiment == "base" else tracking.stage_name("finetune", study.checkpoint_of(experiment), seed)
     check_finite(scores, passkey, model, ckpt, stage, exp.name, seed, primary, trained_by)
 
@@ -238,6 +240,7 @@ def evaluate(study: Study, experiment: str, seed: int | None = None) -> Path:
         "experiment": exp.name, "seed": seed, "n_docs": int(sets["test"].shape[0]), "val_windows": p.eval.val_windows,
         "train_run_id": trained["run_id"], "checkpoint_sha256": trained["checkpoint_sha256"],
         "data_hash": data_hash(layout.data_dir(study.root)), "reused_checkpoint_of": exp.reuse, "stride": p.eval.stride,
+        **placement,
         "primary": primary, "run_id": None, "protocol": primary, "ppl": ppl(primary, "test"),
         "protocols": {protocol: {"run_id": None, "ppl": ppl(protocol, "test"), "val_ppl": ppl(protocol, "val"),
                                  "detail": {split: {str(n): r for n, r in by_n.items()} for split, by_n in s.items()}}
@@ -269,7 +272,7 @@ def _track(study: Study, exp: Experiment, seed: int, stage: str, src: Path, trai
     c = tracking.client(root)
     params = {**tracking.flatten(p.model_dump()), **tracking.flatten(p.eval.model_dump(), "eval."),
               **tracking.flatten(p.passkey.model_dump(), "passkey."), **tracking.flatten(exp.model_dump(), "exp."),
-              "seed": str(seed)}
+              "seed": str(seed), "eval_device": record["device"], "eval_precision": record["precision"]}
     tags = tracking.run_tags(root, stage, "evaluate", parent=train_run_id, experiment=exp.name, seed=seed,
                              ablations=tracking.ablations_of(study, exp.name), data_hash=record["data_hash"],
                              checkpoint_sha256=record["checkpoint_sha256"], checkpoint_of=exp.reuse or exp.name,

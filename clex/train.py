@@ -182,8 +182,6 @@ def _read_state(state_file: Path) -> dict:
 def resolve_trainer(cfg: TrainerConfig, model: torch.nn.Module) -> dict:
     """Trainer kwargs from params; bf16-mixed on CUDA when precision is 'auto'. fsdp is `clex.distributed`'s
     FSDPStrategy for this model; ddp keeps find_unused_parameters for a learned encoding."""
-    cuda = torch.cuda.is_available() and cfg.accelerator in ("auto", "gpu", "cuda")
-    precision = cfg.precision if cfg.precision != "auto" else ("bf16-mixed" if cuda else "32-true")
     strategy: object = cfg.strategy
     if cfg.strategy == "fsdp":
         strategy = fsdp_strategy(cfg, model)
@@ -192,7 +190,7 @@ def resolve_trainer(cfg: TrainerConfig, model: torch.nn.Module) -> dict:
         strategy = DDPStrategy(start_method=cfg.strategy.replace("ddp_", "") if "_" in cfg.strategy else "popen",
                                find_unused_parameters=True)
     return dict(accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes,
-                strategy=strategy, precision=precision, gradient_clip_val=cfg.gradient_clip_val or None,
+                strategy=strategy, precision=cfg.resolved_precision(), gradient_clip_val=cfg.gradient_clip_val or None,
                 plugins=[AtomicCheckpointIO()])
 
 
