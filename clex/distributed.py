@@ -78,6 +78,10 @@ def fsdp_strategy(cfg: TrainerConfig, model: nn.Module) -> FSDPStrategy:
 
 def model_state_dict(trainer) -> dict[str, torch.Tensor]:
     """The trained model's full state dict (keys as `model.state_dict()`'s). Every rank must call it: under FSDP it
-    gathers the shards (a collective) and only rank 0 gets the tensors; elsewhere it is the module's own."""
+    gathers the shards (a collective) and only rank 0 gets the tensors; elsewhere it is the module's own
+    `state_dict()`, with its version metadata, so `torch.save` writes the bytes it wrote before FSDP existed
+    (same checkpoint_sha256 for the same weights)."""
+    if not isinstance(trainer.strategy, FSDPStrategy):
+        return trainer.lightning_module.model.state_dict()
     state = trainer.strategy.lightning_module_state_dict()
     return {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
