@@ -9,13 +9,12 @@ evaluation stage does not pay for importing the trainer.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 from pathlib import Path
 
 import torch
 
-from clex import layout
+from clex import attention, layout
 from clex.attention import attention_for
 from clex.config import Experiment, RopeSpec, Study
 from clex.model import Decoder
@@ -36,12 +35,13 @@ def body_dtype(study: Study) -> torch.dtype:
 
 
 def attn_implementation(study: Study, experiment: Experiment) -> str:
-    """model.attn_implementation, with auto resolved: flash_attention_2 when flash_attn imports, CUDA is available
-    and the encoding is rotary (a bias encoding needs a float mask), else sdpa."""
+    """model.attn_implementation, with auto resolved: flash_attention_2 when flash_attn imports (the import our
+    Decoder's attention already tries, clex/attention.py), training runs on CUDA (`TrainerConfig.uses_cuda`) and the
+    encoding is rotary (a bias encoding needs a float mask), else sdpa."""
     chosen = study.params.model.attn_implementation
     if chosen != "auto":
         return chosen
-    flash = importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available()
+    flash = attention.flash_attn_func is not None and study.params.trainer.uses_cuda()
     return "flash_attention_2" if flash and REGISTRY[experiment.rope.type].rotary else "sdpa"
 
 
