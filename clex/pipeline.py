@@ -25,6 +25,7 @@ from pathlib import Path
 import yaml
 
 from clex import layout
+from clex.io import atomic_write_text
 
 from clex.config import ParamsError, Study
 
@@ -154,5 +155,5 @@ def write(study: Study, check: bool = False) -> bool:
     text = render(study)
     current = path.read_text() == text
     if not check and not current:
-        path.write_text(text)
+        atomic_write_text(path, text)  # whole or not at all: a killed write leaves the previous dvc.yaml
     return current
