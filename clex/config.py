@@ -111,7 +111,8 @@ class ModelConfig(Strict):
     a hub id (needs a network once; write `./<folder>` to mean a local folder). The decoder-only keys (d_model,
     n_layers, n_heads, d_ff, rope_base, init_std) are then ignored: the checkpoint's config.json defines the shape,
     which every run records as `shape.*` MLflow params. `attn_implementation` (hf only): auto = flash_attention_2
-    when flash_attn imports, training runs on CUDA (trainer.accelerator allows it, a GPU is visible) and the encoding is rotary, else sdpa (clex/checkpoint.py).
+    when flash_attn imports, training runs on CUDA (trainer.accelerator allows it, a GPU is visible) and the
+    encoding is rotary, else sdpa (clex/checkpoint.py).
     For `source: decoder` the hf keys are left out of `model_dump()` (`_dump`), so a decoder study's config hashes,
     MLflow params and resume keys are the ones it had before they existed.
     """
